@@ -1,0 +1,21 @@
+# Tuneline: LLM fine-tuning as a Snakemake pipeline. This file is the table of contents.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/base_model.smk"
+include: "workflow/rules/prepare_data.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/merge.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/merged_model",

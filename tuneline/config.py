@@ -1,0 +1,94 @@
+"""The config schema: the one place each key is defined, and what is derived from it.
+
+Imported by the Snakefile, so it must stay light (yaml and the standard library only).
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from .errors import TunelineError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
+
+
+@lru_cache(maxsize=None)
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def keys(schema: dict | None = None) -> dict[str, dict]:
+    return (schema or load_schema())["properties"]
+
+
+def defaults(schema: dict | None = None) -> dict:
+    return {k: spec.get("default") for k, spec in keys(schema).items()}
+
+
+def check_unknown_keys(config: dict, schema: dict | None = None) -> None:
+    """Reject keys the schema does not define, naming the nearest valid key."""
+    known = keys(schema)
+    problems = []
+    for key in config:
+        if key in known:
+            continue
+        near = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        problems.append(f"unknown config key '{key}'{hint}")
+    if problems:
+        raise TunelineError(
+            "; ".join(problems)
+            + ". Every key is listed in docs/config.md (generated from config/schema.yaml)."
+        )
+
+
+def rule_keys(rule: str, schema: dict | None = None) -> list[str]:
+    return sorted(k for k, spec in keys(schema).items() if rule in spec.get("rules", []))
+
+
+def rule_params(config: dict, rule: str, schema: dict | None = None) -> dict:
+    """The slice of the config that `rule` reads: exactly the keys whose schema entry names it."""
+    full = {**defaults(schema), **config}
+    return {k: full[k] for k in rule_keys(rule, schema)}
+
+
+def markdown_table(schema: dict | None = None) -> str:
+    """The key table for docs/config.md and the README."""
+
+    def fmt_type(spec):
+        t = spec.get("type")
+        types = t if isinstance(t, list) else [t]
+        return " or ".join(x for x in types if x != "null") + (", nullable" if "null" in types else "")
+
+    def fmt_default(v):
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return str(v).lower()
+        return f"`{v}`"
+
+    rows = [
+        "| key | type | default | allowed | read by | description |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, spec in keys(schema).items():
+        allowed = ""
+        if "enum" in spec:
+            allowed = ", ".join("null" if v is None else str(v) for v in spec["enum"])
+        else:
+            bounds = []
+            for word, sym in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤")):
+                if word in spec:
+                    bounds.append(f"{sym} {spec[word]}")
+            allowed = ", ".join(bounds)
+        rules = ", ".join(spec.get("rules", [])) or "`tuneline chat`"
+        desc = " ".join(str(spec.get("description", "")).split()).replace("|", "\\|")
+        rows.append(
+            f"| `{key}` | {fmt_type(spec)} | {fmt_default(spec.get('default'))} | {allowed} | {rules} | {desc} |"
+        )
+    return "\n".join(rows) + "\n"

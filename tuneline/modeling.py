@@ -1,0 +1,91 @@
+"""Shared model helpers: device and compute dtype, bitsandbytes config, linear-module discovery."""
+
+from __future__ import annotations
+
+from .errors import TunelineError
+
+
+def device_supports_bf16() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    # CPUs without native bf16 units (AVX2) emulate it: ~45x slower than fp32 here.
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
+
+
+def compute_dtype(bf16: bool, fp16: bool, log=None):
+    """bf16/fp16 only where the device has them; neither asked for: the best the device has."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if bf16 and not device_supports_bf16():
+        if log:
+            log.warning("bf16 asked for, but this device has no bf16 units: computing in fp32")
+        return torch.float32
+    if fp16 and not cuda:
+        if log:
+            log.warning("fp16 asked for, but there is no CUDA device: computing in fp32")
+        return torch.float32
+    if bf16:
+        return torch.bfloat16
+    if fp16:
+        return torch.float16
+    if cuda:
+        return torch.bfloat16 if device_supports_bf16() else torch.float16
+    return torch.bfloat16 if device_supports_bf16() else torch.float32
+
+
+def bnb_config(bits: int | None, quant_type: str, double_quant: bool, dtype):
+    if bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                  bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype,
+                                  bnb_4bit_quant_storage=dtype)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise TunelineError(f"quantization_bit must be 4, 8 or null, not {bits}.")
+
+
+def load_causal_lm(path, dtype, quantization: dict | None = None):
+    """The base model in `dtype`, quantised on load when `quantization` (bits/type/double) is given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    q = quantization or {}
+    kwargs = {}
+    bnb = bnb_config(q.get("bits"), q.get("type", "nf4"), q.get("double", True), dtype)
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+        kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the linear layers LoRA can adapt (LLaMA-Factory's `all`: no lm_head)."""
+    import torch
+
+    names = set()
+    output_layer = model.get_output_embeddings()
+    for full_name, module in model.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__
+        if is_linear and module is not output_layer and "lm_head" not in full_name:
+            names.add(full_name.split(".")[-1])
+    return sorted(names)
+
+
+def lora_targets(model, lora_target: str) -> list[str]:
+    available = linear_module_names(model)
+    wanted = [t.strip() for t in lora_target.split(",") if t.strip()]
+    if wanted == ["all"]:
+        return available
+    missing = [t for t in wanted if t not in available]
+    if missing or not wanted:
+        raise TunelineError(
+            f"lora_target '{lora_target}': {', '.join(missing) or 'nothing'} matches no linear module of this "
+            f"model. Its linear modules are: {', '.join(available)} (or use `all`)."
+        )
+    return sorted(wanted)

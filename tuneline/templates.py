@@ -1,0 +1,237 @@
+"""Prompt templates: the one object that renders conversations for training and for inference.
+
+Named templates use LLaMA-Factory's slots (`{{content}}`, `<bos>`, `<eos>`); with no name, the
+tokenizer's own `chat_template` is used, split into (prompt, response) pieces by rendering
+growing prefixes of the conversation. Both encode a conversation as a list of
+(source_ids, target_ids) pairs, one per turn: the source is the prompt side (masked in
+training), the target is the response including the template's end-of-turn suffix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import TunelineError
+
+ROLES_PROMPT = ("user", "observation")
+
+
+@dataclass(frozen=True)
+class SlotTemplate:
+    name: str
+    user: str = "{{content}}"
+    assistant: str = "{{content}}<eos>"
+    system: str = "{{content}}"
+    observation: str | None = None  # None: like user
+    prefix: str = ""
+    default_system: str = ""
+    stop_words: tuple[str, ...] = ()
+    efficient_eos: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+_IM = dict(system="<|im_start|>system\n{{content}}<|im_end|>\n",
+           user="<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",
+           assistant="{{content}}<|im_end|>\n")
+
+SLOT_TEMPLATES = {t.name: t for t in [
+    SlotTemplate("default", system="System: {{content}}<eos>\n", user="Human: {{content}}<eos>\nAssistant:",
+                 assistant="{{content}}<eos>\n"),
+    SlotTemplate("alpaca", user="### Instruction:\n{{content}}\n\n### Response:\n", assistant="{{content}}<eos>\n\n",
+                 default_system="Below is an instruction that describes a task. Write a response that "
+                                "appropriately completes the request.\n\n"),
+    SlotTemplate("chatml", **_IM, observation="<|im_start|>tool\n{{content}}<|im_end|>\n<|im_start|>assistant\n",
+                 stop_words=("<|im_end|>", "<|im_start|>")),
+    SlotTemplate("qwen", **_IM,
+                 observation="<|im_start|>user\n<tool_response>\n{{content}}\n</tool_response><|im_end|>\n"
+                             "<|im_start|>assistant\n",
+                 default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+                 stop_words=("<|im_end|>",)),
+    SlotTemplate("smollm2", **_IM, default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face.",
+                 stop_words=("<|im_end|>",)),
+    SlotTemplate("llama3", prefix="<bos>",
+                 system="<|start_header_id|>system<|end_header_id|>\n\n{{content}}<|eot_id|>",
+                 user="<|start_header_id|>user<|end_header_id|>\n\n{{content}}<|eot_id|>"
+                      "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                 assistant="{{content}}<|eot_id|>",
+                 observation="<|start_header_id|>ipython<|end_header_id|>\n\n{{content}}<|eot_id|>"
+                             "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                 stop_words=("<|eot_id|>", "<|eom_id|>")),
+    SlotTemplate("vicuna", user="USER: {{content}} ASSISTANT:",
+                 default_system="A chat between a curious user and an artificial intelligence assistant. The "
+                                "assistant gives helpful, detailed, and polite answers to the user's questions."),
+    SlotTemplate("empty", assistant="{{content}}"),
+    SlotTemplate("fewshot", assistant="{{content}}\n\n", efficient_eos=True),
+]}
+
+TOOL_PREAMBLE = "You have access to the following tools:\n"
+
+
+def available() -> list[str]:
+    return sorted(SLOT_TEMPLATES)
+
+
+class Template:
+    """Renders and encodes conversations; built by `get_template`."""
+
+    name: str
+    stop_words: tuple[str, ...] = ()
+    efficient_eos: bool = False
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    # --- to implement
+    def render_turns(self, messages: list[dict], system: str, tools: str) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    # --- shared
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def encode_turns(self, messages, system="", tools="") -> list[tuple[list[int], list[int]]]:
+        """(source_ids, target_ids) per turn; `messages` alternate prompt/response and end with a response."""
+        return [(self._ids(s), self._ids(t)) for s, t in self.render_turns(messages, system, tools)]
+
+    def encode_prompt(self, messages, system="", tools="") -> list[int]:
+        """The ids that prompt a reply to `messages`, which end with a user message."""
+        turns = self.render_turns(list(messages) + [{"role": "assistant", "content": ""}], system, tools)
+        text = "".join(s + t for s, t in turns[:-1]) + turns[-1][0]
+        return self._ids(text)
+
+    def stop_token_ids(self) -> list[int]:
+        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        for word in self.stop_words:
+            tid = self.tokenizer.convert_tokens_to_ids(word)
+            if tid is not None and tid != self.tokenizer.unk_token_id and tid not in ids:
+                ids.append(tid)
+        return ids
+
+    def describe(self) -> dict:
+        return {"name": self.name, "stop_words": list(self.stop_words), "efficient_eos": self.efficient_eos}
+
+
+class SlotRenderer(Template):
+    def __init__(self, tokenizer, slots: SlotTemplate, default_system: str | None = None):
+        super().__init__(tokenizer)
+        self.slots = slots
+        self.name = slots.name
+        self.stop_words = slots.stop_words
+        self.efficient_eos = slots.efficient_eos
+        self.default_system = slots.default_system if default_system is None else default_system
+
+    def _fill(self, slot: str, content: str) -> str:
+        bos = self.tokenizer.bos_token or ""
+        eos = self.tokenizer.eos_token or ""
+        return slot.replace("{{content}}", content).replace("<bos>", bos).replace("<eos>", eos)
+
+    def render_turns(self, messages, system="", tools=""):
+        system_text = system or self.default_system
+        if tools:
+            system_text = (system_text + "\n\n" if system_text else "") + TOOL_PREAMBLE + tools
+        turns = []
+        for i in range(0, len(messages), 2):
+            prompt, response = messages[i], messages[i + 1]
+            source = ""
+            if i == 0:
+                source = self._fill(self.slots.prefix, "")
+                if system_text:
+                    source += self._fill(self.slots.system, system_text)
+            slot = self.slots.observation if prompt["role"] == "observation" and self.slots.observation else self.slots.user
+            source += self._fill(slot, prompt["content"])
+            turns.append((source, self._fill(self.slots.assistant, response["content"])))
+        return turns
+
+    def describe(self):
+        return {**super().describe(), "slots": asdict(self.slots), "default_system": self.default_system}
+
+    def to_jinja(self) -> str:
+        """A Jinja chat_template that renders exactly like `render_turns` (saved with merged models)."""
+
+        def lit(slot: str, var: str | None = None) -> str:
+            text = self._fill(slot, "\x00")
+            parts = [repr(p) for p in text.split("\x00")]
+            return "{{ " + (f" + {var} + ".join(parts) if var else parts[0]) + " }}"
+
+        obs = self.slots.observation or self.slots.user
+        return "".join([
+            "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+            "{% set loop_messages = messages[1:] %}{% else %}",
+            "{% set system = " + repr(self.default_system) + " %}{% set loop_messages = messages %}{% endif %}",
+            lit(self.slots.prefix),
+            "{% if system %}", lit(self.slots.system, "system"), "{% endif %}",
+            "{% for message in loop_messages %}",
+            "{% if message['role'] == 'user' %}", lit(self.slots.user, "message['content']"),
+            "{% elif message['role'] in ('tool', 'observation') %}", lit(obs, "message['content']"),
+            "{% else %}", lit(self.slots.assistant, "message['content']"), "{% endif %}",
+            "{% endfor %}",
+        ])
+
+
+class ChatTemplateRenderer(Template):
+    """The tokenizer's own Jinja chat_template, split into turns by rendering prefixes."""
+
+    name = "tokenizer_chat_template"
+
+    def __init__(self, tokenizer, default_system: str | None = None):
+        super().__init__(tokenizer)
+        self.default_system = default_system or ""
+        eos = tokenizer.eos_token
+        self.stop_words = (eos,) if eos else ()
+
+    def _render(self, messages, add_generation_prompt):
+        if not messages:
+            return ""
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def render_turns(self, messages, system="", tools=""):
+        role_map = {"user": "user", "observation": "user", "assistant": "assistant", "function": "assistant"}
+        head = []
+        system_text = system or self.default_system
+        if tools:
+            system_text = (system_text + "\n\n" if system_text else "") + TOOL_PREAMBLE + tools
+        if system_text:
+            head = [{"role": "system", "content": system_text}]
+        chat = head + [{"role": role_map[m["role"]], "content": m["content"]} for m in messages]
+        turns, done = [], ""
+        for i in range(len(head), len(chat), 2):
+            with_prompt = self._render(chat[: i + 1], True)
+            with_reply = self._render(chat[: i + 2], False)
+            if not (with_prompt.startswith(done) and with_reply.startswith(with_prompt)):
+                raise TunelineError(
+                    "the tokenizer's chat_template does not render conversations as growing prefixes, so "
+                    "prompt and response cannot be told apart; set `template` to a named template "
+                    f"({', '.join(available())})."
+                )
+            turns.append((with_prompt[len(done):], with_reply[len(with_prompt):]))
+            done = with_reply
+        return turns
+
+    def describe(self):
+        return {**super().describe(), "chat_template": self.tokenizer.chat_template,
+                "default_system": self.default_system}
+
+
+def get_template(name: str | None, tokenizer, default_system: str | None = None, log=None) -> Template:
+    """`name` from config key `template`; None means the tokenizer's chat_template (else `empty`)."""
+    if name is None:
+        if getattr(tokenizer, "chat_template", None):
+            return ChatTemplateRenderer(tokenizer, default_system)
+        if log:
+            log.info("template unset and the tokenizer has no chat_template: using `empty`")
+        name = "empty"
+    if name not in SLOT_TEMPLATES:
+        raise TunelineError(f"unknown template '{name}' (config key `template`); available: {', '.join(available())}, "
+                            "or leave it unset to use the tokenizer's own chat_template.")
+    return SlotRenderer(tokenizer, SLOT_TEMPLATES[name], default_system)
+
+
+def from_description(desc: dict, tokenizer) -> Template:
+    """Rebuild the template recorded by `describe()` (stored in tokenized/, adapter/, merged_model/)."""
+    if desc["name"] == ChatTemplateRenderer.name:
+        tokenizer.chat_template = desc["chat_template"]
+        return ChatTemplateRenderer(tokenizer, desc.get("default_system") or None)
+    return SlotRenderer(tokenizer, SlotTemplate(**{**desc["slots"], "stop_words": tuple(desc["slots"]["stop_words"])}),
+                        desc.get("default_system"))

@@ -1,0 +1,181 @@
+"""Rule `train`: a LoRA adapter (QLoRA by default) with the Hugging Face Trainer and PEFT.
+
+Writes into the adapter folder: the PEFT adapter (safetensors), template.json (from tokenize,
+so inference renders prompts the same way), loss_history.json, loss.png and train_report.json.
+Checkpoints go to .tuneline/checkpoints/<key>, outside the output that Snakemake owns; the
+key is a hash of the config slice and the tokenized data, and the folder is removed after a
+successful run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .modeling import compute_dtype, load_causal_lm, lora_targets
+from .provenance import sha256_path
+
+CHECKPOINT_ROOT = Path(".tuneline") / "checkpoints"
+
+
+def checkpoint_dir(params: dict, tokenized: str) -> Path:
+    key = hashlib.sha256((json.dumps(params, sort_keys=True) + sha256_path(tokenized)).encode()).hexdigest()[:16]
+    return CHECKPOINT_ROOT / f"train-{key}"
+
+
+def build_model(base: str, params: dict, dtype, log):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    quant = None
+    if params["quantization_bit"]:
+        quant = {"bits": params["quantization_bit"], "type": params["quantization_type"],
+                 "double": params["double_quantization"]}
+    model_dtype = dtype if torch.cuda.is_available() or dtype == torch.float32 else torch.float32
+    model = load_causal_lm(base, model_dtype, quant)
+    targets = lora_targets(model, params["lora_target"])
+    if quant:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params["gradient_checkpointing"])
+    elif params["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=params["lora_rank"], lora_alpha=params["lora_alpha"] or 2 * params["lora_rank"],
+                      lora_dropout=params["lora_dropout"], target_modules=targets, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%); base %s, compute %s",
+             params["lora_rank"], ",".join(targets), trainable, total, 100 * trainable / total,
+             f"{quant['bits']}-bit {quant['type'] if quant['bits'] == 4 else ''}".strip() if quant else "unquantised",
+             str(dtype).replace("torch.", ""))
+    return model, quant, targets
+
+
+def training_arguments(params: dict, out_dir: Path, dtype):
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    warmup = params["warmup_ratio"] if params["warmup_ratio"] > 0 else params["warmup_steps"]
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=params["per_device_train_batch_size"],
+        gradient_accumulation_steps=params["gradient_accumulation_steps"],
+        learning_rate=params["learning_rate"],
+        num_train_epochs=params["num_train_epochs"],
+        max_steps=params["max_steps"],
+        lr_scheduler_type=params["lr_scheduler_type"],
+        warmup_steps=warmup,  # transformers 5 reads a float below 1 as a ratio
+        weight_decay=params["weight_decay"],
+        max_grad_norm=params["max_grad_norm"],
+        logging_steps=params["logging_steps"],
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=params["save_steps"],
+        save_total_limit=2,
+        seed=params["seed"],
+        data_seed=params["seed"],
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+        use_cpu=not cuda,
+        gradient_checkpointing=False,  # set up in build_model (PEFT needs it before wrapping)
+        eval_strategy="no",
+        per_device_eval_batch_size=params["per_device_train_batch_size"],
+        report_to="none",
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+
+
+def plot_loss(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if train:
+        ax.plot(*zip(*train), marker=".", label="training loss")
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def sort_target_modules(adapter_dir: Path) -> None:
+    """PEFT writes target_modules from a set (hash-randomised order): make the file reproducible."""
+    path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def main(inputs, outputs, params, log, threads=1):
+    import datasets
+    import torch
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, set_seed
+
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    set_seed(params["seed"])
+    dtype = compute_dtype(params["bf16"], params["fp16"], log)
+    tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_ds = datasets.load_from_disk(str(Path(inputs["tokenized"]) / "train"))
+    eval_dir = Path(inputs["tokenized"]) / "validation"
+    eval_ds = datasets.load_from_disk(str(eval_dir)) if eval_dir.is_dir() else []
+    model, quant, targets = build_model(inputs["model"], params, dtype, log)
+
+    ckpt = checkpoint_dir(params, inputs["tokenized"])
+    if ckpt.exists():
+        log.info("removing stale checkpoints in %s (resume is not implemented yet: starting fresh)", ckpt)
+        shutil.rmtree(ckpt)
+    args = training_arguments(params, ckpt, dtype)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator)
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    metrics = dict(result.metrics)
+    if len(eval_ds):
+        trainer_eval = Trainer(model=model, args=args, eval_dataset=eval_ds, data_collator=collator)
+        metrics.update(trainer_eval.evaluate())
+        log.info("validation loss %.4f", metrics["eval_loss"])
+
+    out = Path(outputs["adapter"])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    sort_target_modules(out)
+    shutil.copy(Path(inputs["tokenized"]) / "template.json", out / "template.json")
+    history = trainer.state.log_history
+    (out / "loss_history.json").write_text(json.dumps(history, indent=2) + "\n")
+    plot_loss(history, out / "loss.png", f"LoRA r={params['lora_rank']}, lr={params['learning_rate']}")
+    real_tokens = sum(len(x) for x in train_ds["input_ids"]) * (trainer.state.epoch or 1)
+    report = {
+        "quantization": quant,
+        "compute_dtype": str(dtype).replace("torch.", ""),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "lora_target_modules": targets,
+        "global_steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_seconds": round(seconds, 2),
+        "real_tokens_per_second": round(real_tokens / seconds, 1),
+        "metrics": metrics,
+    }
+    (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("trained %d steps in %.0f s (%.0f real tokens/s); final loss %.4f",
+             trainer.state.global_step, seconds, report["real_tokens_per_second"], metrics.get("train_loss", float("nan")))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return {"train_report": report}

@@ -1,0 +1,14 @@
+rule train:
+    """HF Trainer + PEFT: a LoRA adapter (QLoRA by default), its loss history and curve."""
+    input:
+        tokenized="results/tokenized",
+        model="results/base_model",
+    output:
+        adapter=directory("results/adapter"),
+    log:
+        "logs/train.log",
+    params:
+        cfg=params_for("train"),
+    threads: workflow.cores
+    script:
+        "../../scripts/train.py"
