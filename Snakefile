@@ -1,10 +1,13 @@
 # Tuneline: LLM fine-tuning as a Snakemake pipeline. This file is the table of contents.
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The defaults shipped with the workflow; `--configfile` and `--config` override them.
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "workflow/rules/common.smk"

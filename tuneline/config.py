@@ -18,8 +18,9 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 
 @lru_cache(maxsize=None)
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: keeps dry-runs fast
     with open(path, encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
+        return yaml.load(fh, Loader=loader)
 
 
 def keys(schema: dict | None = None) -> dict[str, dict]:
@@ -45,6 +46,24 @@ def check_unknown_keys(config: dict, schema: dict | None = None) -> None:
             "; ".join(problems)
             + ". Every key is listed in docs/config.md (generated from config/schema.yaml)."
         )
+
+
+def coerce_cli_values(config: dict, schema: dict | None = None) -> None:
+    """`--config train_on_prompt=true` arrives as the string 'true': read such strings as YAML
+    (true, false, null, numbers) for keys whose type is not a string."""
+    json_types = {bool: "boolean", int: "integer", float: "number", type(None): "null"}
+    for key, spec in keys(schema).items():
+        value = config.get(key)
+        types = spec.get("type") if isinstance(spec.get("type"), list) else [spec.get("type")]
+        if not isinstance(value, str) or "string" in types:
+            continue
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            continue
+        kind = json_types.get(type(parsed))
+        if kind in types or (kind == "integer" and "number" in types):
+            config[key] = parsed
 
 
 def rule_keys(rule: str, schema: dict | None = None) -> list[str]:

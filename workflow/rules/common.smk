@@ -3,12 +3,13 @@
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from tuneline.config import check_unknown_keys, rule_params, SCHEMA_PATH
+from tuneline.config import check_unknown_keys, coerce_cli_values, rule_params, SCHEMA_PATH
 from tuneline.errors import TunelineError
 from tuneline import registry
 
 try:
     check_unknown_keys(config)
+    coerce_cli_values(config)
 except TunelineError as err:
     raise WorkflowError(str(err)) from None
 

@@ -1,0 +1,121 @@
+"""Shared fixtures: a tiny randomly initialised llama (built in seconds), and Snakemake helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+LF_DATA = REPO.parent / "shared" / "lf-data"
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+# SmolLM2's chat template: the tiny model behaves like the default model.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer trained on the bundled identity data (any text encodes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.dumps(r, ensure_ascii=False) for r in json.loads((REPO / "resources" / "identity.json").read_text())]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_llama(path: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+# ---------------------------------------------------------------- Snakemake helpers
+
+def tiny_config(model: Path, dataset_dir: Path, **overrides) -> dict:
+    """A config that runs the whole DAG on the tiny model in well under a minute."""
+    cfg = dict(model_name_or_path=str(model), dataset="identity", dataset_dir=str(dataset_dir), cutoff_len=128,
+               max_steps=4, per_device_train_batch_size=4, logging_steps=1, learning_rate=1e-3,
+               quantization_bit=None, num_train_epochs=1.0)
+    cfg.update(overrides)
+    return cfg
+
+
+def make_workdir(tmp: Path, model: Path, **overrides) -> Path:
+    """A fresh working directory with its own copy of the demo data and a config file."""
+    data = tmp / "data"
+    shutil.copytree(REPO / "resources", data)
+    (tmp / "tuneline.yaml").write_text(yaml.safe_dump(tiny_config(model, data, **overrides)))
+    return tmp
+
+
+def snakemake(workdir: Path, *args: str, check: bool = False, timeout: int = 900) -> subprocess.CompletedProcess:
+    # --configfile takes several values: keep it before the other options and targets
+    cmd = [SNAKEMAKE, "--configfile", str(workdir / "tuneline.yaml"), "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(workdir), "--cores", "2", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc.output = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.output[-6000:]}")
+    return proc
+
+
+def planned_jobs(workdir: Path, *args: str) -> set[str]:
+    """The rules a dry-run would run, read from its 'Job stats' table (the target rule `all` left out)."""
+    proc = snakemake(workdir, "--dry-run", *args)
+    if proc.returncode != 0:
+        raise AssertionError(proc.output[-4000:])
+    if "Nothing to be done" in proc.output:
+        return set()
+    table = proc.output.split("Job stats:", 1)[1]
+    jobs = set()
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+\d+$", line.strip())
+        if not m or m.group(1) == "total":
+            break
+        jobs.add(m.group(1))
+    return jobs - {"all"}
