@@ -66,6 +66,23 @@ def coerce_cli_values(config: dict, schema: dict | None = None) -> None:
             config[key] = parsed
 
 
+def check_values(config: dict, schema: dict | None = None) -> None:
+    """Types and allowed values, with messages that start with the key's name."""
+    from jsonschema import Draft202012Validator
+
+    schema = schema or load_schema()
+    problems = []
+    for err in sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path)):
+        key = err.path[0] if err.path else None
+        spec = keys(schema).get(key, {})
+        hint = ""
+        if "enum" in spec:
+            hint = " Allowed: " + ", ".join("null" if v is None else str(v) for v in spec["enum"]) + "."
+        problems.append(f"config key '{key}' = {config.get(key)!r}: {err.message}.{hint}")
+    if problems:
+        raise TunelineError(" ".join(problems) + " See docs/config.md.")
+
+
 def rule_keys(rule: str, schema: dict | None = None) -> list[str]:
     return sorted(k for k, spec in keys(schema).items() if rule in spec.get("rules", []))
 

@@ -3,30 +3,31 @@
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from tuneline.config import check_unknown_keys, coerce_cli_values, rule_params, SCHEMA_PATH
-from tuneline.errors import TunelineError
 from tuneline import registry
+from tuneline.config import SCHEMA_PATH, check_unknown_keys, check_values, coerce_cli_values, rule_params
+from tuneline.errors import TunelineError
 
 try:
     check_unknown_keys(config)
     coerce_cli_values(config)
+    check_values(config)
 except TunelineError as err:
     raise WorkflowError(str(err)) from None
 
 validate(config, str(SCHEMA_PATH), set_default=True)
 
+# Resolved here, not in input functions: Snakemake ignores an input function's error when the
+# output already exists, and a misspelt dataset name must never plan "nothing to be done".
+try:
+    DATASET_ENTRIES = registry.selected_entries(config["dataset_dir"], config["dataset"])
+    DATASET_FILES = registry.data_files(config["dataset_dir"], config["dataset"])
+except TunelineError as err:
+    raise WorkflowError(str(err)) from None
+
 
 def params_for(rule_name):
     """The config keys `rule_name` reads (config/schema.yaml `rules:`), as its params."""
     return rule_params(config, rule_name)
-
-
-def dataset_files(wildcards):
-    """Data files of the selected datasets: editing one reruns prepare_data onward."""
-    try:
-        return registry.data_files(config["dataset_dir"], config["dataset"])
-    except TunelineError as err:
-        raise WorkflowError(str(err)) from None
 
 
 def base_model_source(wildcards):
