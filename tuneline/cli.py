@@ -27,9 +27,15 @@ def _chat(args) -> int:
 
 
 def _keys(args) -> int:
-    from .config import markdown_table
+    from .config import write_docs
 
-    sys.stdout.write(markdown_table())
+    if args.write:
+        for path in write_docs():
+            print(f"wrote {path}")
+    else:
+        from .config import markdown_table
+
+        sys.stdout.write(markdown_table())
     return 0
 
 
@@ -45,6 +51,7 @@ def main(argv=None) -> int:
     chat.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     chat.set_defaults(fn=_chat)
     keys = sub.add_parser("keys", help="print the config key table (Markdown), generated from config/schema.yaml")
+    keys.add_argument("--write", action="store_true", help="regenerate docs/config.md and the README's key table")
     keys.set_defaults(fn=_keys)
     args = parser.parse_args(argv)
     try:

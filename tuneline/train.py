@@ -81,7 +81,6 @@ def training_arguments(params: dict, out_dir: Path, dtype):
         bf16=cuda and dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16,
         use_cpu=not cuda,
-        gradient_checkpointing=False,  # set up in build_model (PEFT needs it before wrapping)
         eval_strategy="no",
         per_device_eval_batch_size=params["per_device_train_batch_size"],
         report_to="none",

@@ -9,6 +9,6 @@ rule train:
         "logs/train.log",
     params:
         cfg=params_for("train"),
-    threads: workflow.cores
+    threads: os.cpu_count() or 1  # capped by --cores
     script:
         "../../scripts/train.py"

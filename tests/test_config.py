@@ -1,0 +1,68 @@
+"""The schema is the one definition of every key: checks, slices and docs all come from it."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from tuneline import config as c
+from tuneline.errors import TunelineError
+
+
+def test_unknown_key_names_the_nearest_valid_one():
+    with pytest.raises(TunelineError, match=r"unknown config key 'lora_rnak' \(did you mean lora_rank\?\)"):
+        c.check_unknown_keys({"lora_rnak": 8, "dataset": "identity"})
+    with pytest.raises(TunelineError, match=r"unknown config key 'zzz'\."):
+        c.check_unknown_keys({"zzz": 1})
+
+
+def test_values_are_checked_with_the_key_named():
+    with pytest.raises(TunelineError, match=r"config key 'quantization_bit' = 3: .*Allowed: 4, 8, null"):
+        c.check_values({"quantization_bit": 3})
+    with pytest.raises(TunelineError, match=r"config key 'learning_rate'"):
+        c.check_values({"learning_rate": 0})
+    c.check_values(c.defaults())
+
+
+def test_command_line_strings_are_read_as_yaml_for_typed_keys():
+    cfg = {"train_on_prompt": "true", "quantization_bit": "null", "lora_rank": "16", "identity_name": "true"}
+    c.coerce_cli_values(cfg)
+    assert cfg == {"train_on_prompt": True, "quantization_bit": None, "lora_rank": 16, "identity_name": "true"}
+
+
+def test_rule_params_are_exactly_the_keys_that_name_the_rule():
+    params = c.rule_params({"lora_rank": 16}, "train")
+    assert params["lora_rank"] == 16 and params["seed"] == 42
+    assert "cutoff_len" not in params and "dataset" not in params
+    assert set(c.rule_params({}, "tokenize")) == {"template", "cutoff_len", "train_on_prompt", "mask_history",
+                                                  "default_system"}
+
+
+def test_every_key_is_fully_described_and_read_by_real_rules():
+    rules = set()
+    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
+        rules |= set(re.findall(r"^rule (\w+):", smk.read_text(), re.M))
+    for key, spec in c.keys().items():
+        assert {"type", "default", "description", "rules"} <= set(spec), key
+        assert set(spec["rules"]) <= rules, key
+    assert set().union(*(set(s["rules"]) for s in c.keys().values())) == rules
+
+
+def test_every_rule_has_its_script_and_library_module():
+    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
+        for rule in re.findall(r"^rule (\w+):", smk.read_text(), re.M):
+            assert (REPO / "scripts" / f"{rule}.py").is_file()
+            assert (REPO / "tuneline" / f"{rule}.py").is_file()
+
+
+def test_shipped_config_is_valid():
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    c.check_unknown_keys(cfg)
+    c.check_values(cfg)
+
+
+@pytest.mark.parametrize("doc", ["docs/config.md", "README.md"])
+def test_docs_key_table_is_generated_from_the_schema(doc):
+    assert c.docs_block() in (REPO / doc).read_text(), f"{doc} is stale: run `tuneline keys --write`"

