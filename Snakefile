@@ -16,9 +16,11 @@ include: "workflow/rules/prepare_data.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/merge.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
     default_target: True
     input:
         "results/merged_model",
+        "results/eval/summary.md",

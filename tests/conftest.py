@@ -79,7 +79,8 @@ def tiny_config(model: Path, dataset_dir: Path, **overrides) -> dict:
     """A config that runs the whole DAG on the tiny model in well under a minute."""
     cfg = dict(model_name_or_path=str(model), dataset="identity", dataset_dir=str(dataset_dir), cutoff_len=128,
                max_steps=4, per_device_train_batch_size=4, logging_steps=1, learning_rate=1e-3,
-               quantization_bit=None, num_train_epochs=1.0)
+               quantization_bit=None, num_train_epochs=1.0, task_dir=str(dataset_dir / "eval"), max_new_tokens=8,
+               n_shot=2)
     cfg.update(overrides)
     return cfg
 

@@ -29,6 +29,8 @@ def add_dataset(work, name, entry, filename, content):
     ("finetuning_type=lorra", ["config key 'finetuning_type'", "'lorra'"]),
     ("template=chatmlx", ["config key 'template'", "chatml"]),
     ("dataset=identiti", ["unknown dataset 'identiti'", "registers identity", "Did you mean identity?"]),
+    ("eval_dataset=identity", ["set either val_size or eval_dataset, not both"]),
+    ("task=mmlu", ["config key 'task'", "does not match"]),
 ])
 def test_config_errors_stop_before_any_job(tmp_path, tiny_model, override, expect):
     work = make_workdir(tmp_path, tiny_model)

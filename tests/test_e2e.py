@@ -28,10 +28,12 @@ def pipeline(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["dataset_dir"] = str(REPO / "resources")
+    cfg["task_dir"] = str(REPO / "resources" / "eval")
     (work / "tuneline.yaml").write_text(yaml.safe_dump(cfg))
     start = time.perf_counter()
     snakemake(work, "results/merged_model", check=True, timeout=1800)
     (work / "seconds.txt").write_text(f"{time.perf_counter() - start:.0f}")
+    snakemake(work, "evaluate", check=True, timeout=1800)
     return work
 
 
@@ -60,3 +62,22 @@ def test_tuned_model_knows_its_new_name_and_the_base_does_not(pipeline):
             chat.history = []
             answer = chat.reply(question)
             assert ("Tuna" in answer) == should_know, f"{folder}: {question!r} -> {answer!r}"
+
+
+def test_tuned_model_beats_the_base_on_the_identity_eval_split(pipeline):
+    summary = json.loads((pipeline / "results" / "eval" / "summary.json").read_text())
+    rows = {r["metric"]: r for r in summary["rows"]}
+    for metric in ("bleu-4", "rouge-1", "rouge-l"):
+        assert rows[metric]["tuned"] > rows[metric]["base"] + 10, rows[metric]
+    assert rows["mmlu_test Average"]["base"] is not None
+    predictions = (pipeline / "results" / "eval" / "tuned" / "generated_predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 10 and all({"prompt", "predict", "label"} <= set(json.loads(p)) for p in predictions)
+    table = (pipeline / "results" / "eval" / "summary.md").read_text()
+    assert "| rouge-l |" in table and "| base | tuned | delta |" in table
+
+
+def test_snakemake_report_shows_loss_curve_summary_and_merge_check(pipeline):
+    proc = snakemake(pipeline, "--report", "report.html", check=True)
+    html = (pipeline / "report.html").read_text(errors="replace")
+    for name in ("loss.png", "summary.md", "merge_report.json"):
+        assert name in html, name

@@ -18,9 +18,9 @@ TRAIN_ON = {"train", "merge"}
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory, tiny_model):
-    """A working directory whose pipeline has run to results/merged_model."""
+    """A working directory whose pipeline has run to the end (merged model and evaluation)."""
     work = make_workdir(tmp_path_factory.mktemp("reruns"), tiny_model)
-    snakemake(work, "results/merged_model", check=True)
+    snakemake(work, "all", check=True)
     return work
 
 
@@ -33,6 +33,23 @@ def other_model(tmp_path_factory, tiny_model):
 
 def test_nothing_changed_plans_nothing(done):
     assert planned_jobs(done, "results/merged_model") == set()
+    assert planned_jobs(done, "all") == set()
+
+
+EVAL_GEN = {"predict", "score_generation", "eval_summary"}
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("max_new_tokens", "12", EVAL_GEN),
+    ("num_beams", "2", EVAL_GEN),
+    ("per_device_eval_batch_size", "2", EVAL_GEN),
+    ("n_shot", "1", {"mmlu", "eval_summary"}),
+    ("lang", "zh", {"mmlu", "eval_summary"}),
+    ("lora_rank", "16", TRAIN_ON | EVAL_GEN | {"mmlu"}),
+])
+def test_evaluation_keys_rerun_evaluation_only(done, key, value, expected):
+    # predict and mmlu run for both models, the summary reads both; no training for an eval key
+    assert planned_jobs(done, "all", "--config", f"{key}={value}") == expected
 
 
 def test_every_artifact_has_provenance(done):
@@ -59,7 +76,7 @@ def test_every_artifact_has_provenance(done):
     ("template", "chatml", {"tokenize"} | TRAIN_ON),
     ("train_on_prompt", "true", {"tokenize"} | TRAIN_ON),
     ("max_samples", "50", DATA_ON),
-    ("val_size", "0.1", DATA_ON),
+    ("val_size", "0.2", DATA_ON),
     ("identity_name", "Bob", DATA_ON),
     ("seed", "7", DATA_ON),
     ("trust_remote_code", "true", MODEL_ON),
@@ -106,3 +123,9 @@ def test_data_edits(done):
         assert planned_jobs(done, "results/merged_model") == DATA_ON
     finally:
         data.write_text(original)
+
+
+def test_eval_dataset_replaces_the_val_split_for_predict(done):
+    jobs = planned_jobs(done, "results/eval/tuned/predict_results.json", "--config", "eval_dataset=identity",
+                        "val_size=0")
+    assert "prepare_eval_data" in jobs and {"predict", "score_generation"} <= jobs

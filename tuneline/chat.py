@@ -12,9 +12,9 @@ from pathlib import Path
 
 from .config import defaults
 from .errors import TunelineError
+from .predict import GENERATION_KEYS
 from .templates import from_description, get_template
 
-GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
 
 
 class Chat:

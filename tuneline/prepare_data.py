@@ -235,10 +235,11 @@ def write_jsonl(path: Path, examples: list[dict]) -> None:
             fh.write(json.dumps(ex, ensure_ascii=False) + "\n")
 
 
-def main(inputs, outputs, params, log, threads=1):
+def collect(entries: dict, params: dict, log) -> tuple[list[dict], Counter]:
+    """Read, convert, cut (max_samples), fill placeholders and deduplicate the named datasets."""
     stats = Counter()
     examples = []
-    for name, entry in params["entries"].items():
+    for name, entry in entries.items():
         records = load_records(name, entry, params["dataset_dir"], log)
         converted = convert(name, entry, records, log)
         stats["read"] += len(records)
@@ -256,11 +257,14 @@ def main(inputs, outputs, params, log, threads=1):
         log.info("removed %d exact duplicate examples", stats["duplicates"])
     if not examples:
         raise TunelineError(
-            f"no valid examples left in dataset(s) {', '.join(params['entries'])} after conversion and "
+            f"no valid examples left in dataset(s) {', '.join(entries)} after conversion and "
             f"filtering ({dict(stats)}). Check the registry's formatting/columns/tags for these datasets."
         )
-    train, val = split(examples, params["val_size"], params["seed"])
-    out = Path(outputs["data"])
+    return examples, stats
+
+
+def write_splits(out_dir: str, train: list[dict], val: list[dict], stats: Counter, log) -> dict:
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "validation.jsonl", val)
@@ -268,3 +272,9 @@ def main(inputs, outputs, params, log, threads=1):
     (out / "stats.json").write_text(json.dumps(dict(stats), indent=2) + "\n")
     log.info("wrote %d training and %d validation examples to %s", len(train), len(val), out)
     return {"stats": dict(stats)}
+
+
+def main(inputs, outputs, params, log, threads=1):
+    examples, stats = collect(params["entries"], params, log)
+    train, val = split(examples, params["val_size"], params["seed"])
+    return write_splits(outputs["data"], train, val, stats, log)

@@ -21,6 +21,12 @@ validate(config, str(SCHEMA_PATH), set_default=True)
 try:
     DATASET_ENTRIES = registry.selected_entries(config["dataset_dir"], config["dataset"])
     DATASET_FILES = registry.data_files(config["dataset_dir"], config["dataset"])
+    EVAL_ENTRIES, EVAL_FILES = {}, []
+    if config["eval_dataset"]:
+        if config["val_size"]:
+            raise TunelineError("set either val_size or eval_dataset, not both: each defines the eval split.")
+        EVAL_ENTRIES = registry.selected_entries(config["dataset_dir"], config["eval_dataset"])
+        EVAL_FILES = registry.data_files(config["dataset_dir"], config["eval_dataset"])
 except TunelineError as err:
     raise WorkflowError(str(err)) from None
 
@@ -33,3 +39,8 @@ def params_for(rule_name):
 def base_model_source(wildcards):
     """A local model folder or .gguf file is an input (edits rerun base_model); hub IDs are not."""
     return registry.local_model_inputs(config["model_name_or_path"])
+
+
+def eval_split(wildcards):
+    """predict's eval split: the eval_dataset names when set, else prepare_data's val_size split."""
+    return "results/eval_data" if config["eval_dataset"] else "results/data"

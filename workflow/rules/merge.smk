@@ -4,7 +4,8 @@ rule merge:
         adapter="results/adapter",
         model="results/base_model",
     output:
-        model=directory("results/merged_model"),
+        model=report(directory("results/merged_model"), patterns=["merge_{name}.json"],
+                     caption="../../report/merge.rst", category="Merge check"),
     log:
         "logs/merge.log",
     params:

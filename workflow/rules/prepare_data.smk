@@ -13,3 +13,18 @@ rule prepare_data:
         entries=DATASET_ENTRIES,
     script:
         "../../scripts/prepare_data.py"
+
+
+rule prepare_eval_data:
+    """The eval_dataset names, read like `dataset`, as the eval split for predict."""
+    input:
+        files=EVAL_FILES,
+    output:
+        data=directory("results/eval_data"),
+    log:
+        "logs/prepare_eval_data.log",
+    params:
+        cfg=params_for("prepare_eval_data"),
+        entries=EVAL_ENTRIES,
+    script:
+        "../../scripts/prepare_eval_data.py"

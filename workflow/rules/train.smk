@@ -4,7 +4,8 @@ rule train:
         tokenized="results/tokenized",
         model="results/base_model",
     output:
-        adapter=directory("results/adapter"),
+        adapter=report(directory("results/adapter"), patterns=["{name}.png"], caption="../../report/loss.rst",
+                       category="Training"),
     log:
         "logs/train.log",
     params:

@@ -1,0 +1,71 @@
+"""Rule `predict`: answers to the eval split, rendered with the training template, generated in batches.
+
+One JSON line per sample, as LLaMA-Factory writes them: {"prompt", "predict", "label"}. The
+prompt is the templated text (special tokens included), the label the reference response.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .templates import from_description
+
+GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty")
+
+
+def generation_kwargs(params: dict) -> dict:
+    kwargs = {k: params[k] for k in GENERATION_KEYS if k in params}
+    if not kwargs.get("do_sample"):
+        for key in ("temperature", "top_p", "top_k"):
+            kwargs.pop(key, None)  # greedy: sampling knobs would only raise warnings
+    return kwargs
+
+
+def generate(model, tokenizer, template, examples: list[dict], params: dict, log) -> list[dict]:
+    import torch
+    from tqdm.auto import tqdm
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    batch_size = params["per_device_eval_batch_size"]
+    kwargs = generation_kwargs(params)
+    for start in tqdm(range(0, len(examples), batch_size), desc="predict", unit="batch"):
+        batch = examples[start: start + batch_size]
+        prompts = [template.encode_prompt(ex["messages"][:-1], ex.get("system", ""), ex.get("tools", "")) for ex in batch]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding for generation
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=template.stop_token_ids(),
+                                 pad_token_id=pad, **kwargs)
+        for ex, prompt, seq in zip(batch, prompts, out[:, width:]):
+            rows.append({
+                "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
+                "predict": tokenizer.decode(seq, skip_special_tokens=True).strip(),
+                "label": ex["messages"][-1]["content"],
+            })
+    return rows
+
+
+def main(inputs, outputs, params, log, threads=1):
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    set_seed(params["seed"])
+    with open(Path(inputs["data"]) / "validation.jsonl", encoding="utf-8") as fh:
+        examples = [json.loads(line) for line in fh if line.strip()]
+    out = Path(outputs["predictions"])
+    if not examples:
+        log.warning("the eval split is empty (val_size is 0): no predictions to make")
+    tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
+    template = from_description(json.loads((Path(inputs["tokenized"]) / "template.json").read_text()), tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32, use_safetensors=True).eval()
+    rows = generate(model, tokenizer, template, examples, params, log) if examples else []
+    with open(out, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    log.info("wrote %d predictions to %s (%s)", len(rows), out, generation_kwargs(params))

@@ -1,0 +1,79 @@
+# Evaluation: downstream of merge and of base_model, so every score has its baseline beside it.
+# Changing an evaluation key reruns only these rules.
+
+MODEL_DIRS = {"base": "results/base_model", "tuned": "results/merged_model"}
+
+
+wildcard_constraints:
+    model="base|tuned",
+
+
+rule predict:
+    """Generations for the eval split, rendered with the training template."""
+    input:
+        model=lambda wildcards: MODEL_DIRS[wildcards.model],
+        data=eval_split,
+        tokenized="results/tokenized",
+    output:
+        predictions="results/eval/{model}/generated_predictions.jsonl",
+    log:
+        "logs/predict_{model}.log",
+    params:
+        cfg=params_for("predict"),
+    threads: os.cpu_count() or 1
+    script:
+        "../../scripts/predict.py"
+
+
+rule score_generation:
+    """BLEU-4 and ROUGE-1/2/L (sacrebleu, rouge-score; CJK-aware)."""
+    input:
+        predictions="results/eval/{model}/generated_predictions.jsonl",
+    output:
+        scores="results/eval/{model}/predict_results.json",
+    log:
+        "logs/score_generation_{model}.log",
+    params:
+        cfg=params_for("score_generation"),
+    script:
+        "../../scripts/score_generation.py"
+
+
+rule mmlu:
+    """Multiple-choice accuracy (MMLU / C-Eval / CMMLU layout) per subject and category."""
+    input:
+        model=lambda wildcards: MODEL_DIRS[wildcards.model],
+    output:
+        scores="results/eval/{model}/mmlu.json",
+    log:
+        "logs/mmlu_{model}.log",
+    params:
+        cfg=params_for("mmlu"),
+    threads: os.cpu_count() or 1
+    script:
+        "../../scripts/mmlu.py"
+
+
+rule eval_summary:
+    """Base vs tuned, side by side, with the delta."""
+    input:
+        base_generation="results/eval/base/predict_results.json",
+        tuned_generation="results/eval/tuned/predict_results.json",
+        base_mmlu="results/eval/base/mmlu.json",
+        tuned_mmlu="results/eval/tuned/mmlu.json",
+    output:
+        markdown=report("results/eval/summary.md", caption="../../report/summary.rst", category="Evaluation"),
+        json="results/eval/summary.json",
+    log:
+        "logs/eval_summary.log",
+    params:
+        cfg=params_for("eval_summary"),
+    script:
+        "../../scripts/eval_summary.py"
+
+
+rule evaluate:
+    """Target: every evaluation of base and tuned."""
+    default_target: False
+    input:
+        "results/eval/summary.md",
