@@ -1,7 +1,6 @@
 """The schema is the one definition of every key: checks, slices and docs all come from it."""
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml

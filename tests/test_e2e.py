@@ -77,7 +77,7 @@ def test_tuned_model_beats_the_base_on_the_identity_eval_split(pipeline):
 
 
 def test_snakemake_report_shows_loss_curve_summary_and_merge_check(pipeline):
-    proc = snakemake(pipeline, "--report", "report.html", check=True)
+    snakemake(pipeline, "--report", "report.html", check=True)
     html = (pipeline / "report.html").read_text(errors="replace")
     for name in ("loss.png", "summary.md", "merge_report.json"):
         assert name in html, name

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import defaults
 from .errors import TunelineError
+from .modeling import load_for_inference, pad_id
 from .predict import GENERATION_KEYS
 from .templates import from_description, get_template
 
@@ -19,15 +20,14 @@ from .templates import from_description, get_template
 
 class Chat:
     def __init__(self, model_dir: str, generation: dict | None = None, system: str = ""):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise TunelineError(f"{model_dir} is not a model folder (no config.json); run "
                                 f"`snakemake --cores 4 results/merged_model` first, or give a model folder.")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+        self.model = load_for_inference(path)
         desc = path / "template.json"
         self.template = (from_description(json.loads(desc.read_text()), self.tokenizer) if desc.is_file()
                          else get_template(None, self.tokenizer))
@@ -50,7 +50,7 @@ class Chat:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                       eos_token_id=self.template.stop_token_ids(),
-                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **self.generation)
+                      pad_token_id=pad_id(self.tokenizer), **self.generation)
         worker = threading.Thread(target=self.model.generate, kwargs=kwargs)
         worker.start()
         pieces = []

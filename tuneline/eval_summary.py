@@ -19,7 +19,7 @@ def rows(base: dict, tuned: dict) -> list[dict]:
 
 
 def markdown(table: list[dict], samples: int, questions: int) -> str:
-    lines = [f"# Evaluation: base vs tuned\n",
+    lines = ["# Evaluation: base vs tuned\n",
              f"Generation metrics on {samples} eval-split samples (percent; see tuneline/score_generation.py "
              f"for how each is computed); multiple-choice accuracy (percent) on {questions} questions.\n",
              "| metric | base | tuned | delta |", "|---|---:|---:|---:|"]

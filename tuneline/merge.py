@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from .errors import TunelineError
-from .modeling import load_causal_lm
+from .modeling import load_causal_lm, pad_id
 from .templates import SlotRenderer, from_description
 
 CHECK_PROMPTS = ["Who are you?", "What is the capital of France?", "Write one sentence about the sea."]
@@ -86,7 +86,7 @@ def main(inputs, outputs, params, log, threads=1):
     if isinstance(template, SlotRenderer):
         tokenizer.chat_template = template.to_jinja()  # HF users get the training format
     merged.generation_config.eos_token_id = template.stop_token_ids()
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    merged.generation_config.pad_token_id = pad_id(tokenizer)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.copy(adapter / "template.json", out / "template.json")

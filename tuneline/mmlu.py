@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import TunelineError
+from .modeling import load_for_inference, pad_id, set_threads
 from .templates import get_template
 
 CATEGORIES = ("STEM", "Social Sciences", "Humanities", "Other")
@@ -139,7 +140,7 @@ def evaluate(model, tokenizer, bench: Benchmark, split: str, n_shot: int, lang: 
         raise TunelineError(f"lang must be en or zh, not {lang!r}.")
     template = get_template("fewshot", tokenizer)
     choice_ids = choice_token_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     rng = random.Random(seed)
     correct = {c: [] for c in CATEGORIES}
     subjects, predictions = {}, {}
@@ -168,16 +169,13 @@ def evaluate(model, tokenizer, bench: Benchmark, split: str, n_shot: int, lang: 
 
 
 def main(inputs, outputs, params, log, threads=1):
-    import os
+    from transformers import AutoTokenizer
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    set_threads(threads)
     name, split = parse_task(params["task"])
     bench = Benchmark(params["task_dir"], name)
     tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
-    model = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32, use_safetensors=True).eval()
+    model = load_for_inference(inputs["model"])
     result = evaluate(model, tokenizer, bench, split, params["n_shot"], params["lang"], params["seed"],
                       params["batch_size"], log)
     result = {"task": params["task"], "n_shot": params["n_shot"], "lang": params["lang"], **result}

@@ -64,6 +64,26 @@ def load_causal_lm(path, dtype, quantization: dict | None = None):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
 
 
+def set_threads(threads: int) -> None:
+    """Torch threads for a job: what Snakemake gave it, never more than the machine has."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def load_for_inference(path):
+    """A saved model folder in fp32, in eval mode (predict, mmlu, chat)."""
+    import torch
+
+    return load_causal_lm(path, torch.float32).eval()
+
+
 def linear_module_names(model) -> list[str]:
     """Leaf names of the linear layers LoRA can adapt (LLaMA-Factory's `all`: no lm_head)."""
     import torch

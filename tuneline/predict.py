@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .jsonl import read_jsonl, write_jsonl
+from .modeling import load_for_inference, pad_id, set_threads
 from .templates import from_description
 
 GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty")
@@ -26,7 +28,7 @@ def generate(model, tokenizer, template, examples: list[dict], params: dict, log
     import torch
     from tqdm.auto import tqdm
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     rows = []
     batch_size = params["per_device_eval_batch_size"]
     kwargs = generation_kwargs(params)
@@ -49,23 +51,17 @@ def generate(model, tokenizer, template, examples: list[dict], params: dict, log
 
 
 def main(inputs, outputs, params, log, threads=1):
-    import os
+    from transformers import AutoTokenizer, set_seed
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-
-    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    set_threads(threads)
     set_seed(params["seed"])
-    with open(Path(inputs["data"]) / "validation.jsonl", encoding="utf-8") as fh:
-        examples = [json.loads(line) for line in fh if line.strip()]
+    examples = read_jsonl(Path(inputs["data"]) / "validation.jsonl")
     out = Path(outputs["predictions"])
     if not examples:
         log.warning("the eval split is empty (val_size is 0): no predictions to make")
     tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
     template = from_description(json.loads((Path(inputs["tokenized"]) / "template.json").read_text()), tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32, use_safetensors=True).eval()
+    model = load_for_inference(inputs["model"])
     rows = generate(model, tokenizer, template, examples, params, log) if examples else []
-    with open(out, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(out, rows)
     log.info("wrote %d predictions to %s (%s)", len(rows), out, generation_kwargs(params))

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import TunelineError
+from .jsonl import write_jsonl
 from .registry import DATA_EXTENSIONS, local_source
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None,
@@ -227,12 +228,6 @@ def split(examples: list[dict], val_size: float, seed: int) -> tuple[list[dict],
 
     parts = datasets.Dataset.from_list(examples).train_test_split(test_size=n_val, seed=seed, shuffle=True)
     return parts["train"].to_list(), parts["test"].to_list()
-
-
-def write_jsonl(path: Path, examples: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for ex in examples:
-            fh.write(json.dumps(ex, ensure_ascii=False) + "\n")
 
 
 def collect(entries: dict, params: dict, log) -> tuple[list[dict], Counter]:

@@ -17,6 +17,8 @@ import json
 import re
 from pathlib import Path
 
+from .jsonl import read_jsonl
+
 CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
 TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]|[^\W_]+", re.UNICODE)
 
@@ -55,8 +57,7 @@ def score(pairs: list[tuple[str, str]]) -> dict[str, float]:
 
 
 def main(inputs, outputs, params, log, threads=1):
-    with open(inputs["predictions"], encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+    rows = read_jsonl(inputs["predictions"])
     result = {**score([(r["predict"], r["label"]) for r in rows]), "samples": len(rows)}
     Path(outputs["scores"]).write_text(json.dumps(result, indent=2) + "\n")
     log.info("%d predictions: %s", len(rows), ", ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "samples"))

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .errors import TunelineError
+from .jsonl import read_jsonl
 from .templates import Template, get_template
 
 IGNORE_INDEX = -100
@@ -59,11 +60,6 @@ def encode_supervised(template: Template, example: dict, cutoff_len: int, train_
     if template.efficient_eos:
         input_ids, labels = input_ids + [eos], labels + [eos]
     return input_ids, labels, full_len > cutoff_len
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def tokenize_split(template, examples, params, log, split) -> tuple[dict, dict]:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
-from .modeling import compute_dtype, load_causal_lm, lora_targets
+from .modeling import compute_dtype, load_causal_lm, lora_targets, set_threads
 from .provenance import sha256_path
 
 CHECKPOINT_ROOT = Path(".tuneline") / "checkpoints"
@@ -126,7 +125,7 @@ def main(inputs, outputs, params, log, threads=1):
     import torch
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, set_seed
 
-    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    set_threads(threads)
     set_seed(params["seed"])
     dtype = compute_dtype(params["bf16"], params["fp16"], log)
     tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
