@@ -133,4 +133,4 @@ def test_llamafactory_entries_we_cannot_use_fail_clearly():
         pd_.convert("dpo_en_demo", entry, pd_.load_records("dpo_en_demo", entry, str(LF_DATA), LOG), LOG)
     with pytest.raises(TunelineError, match="mllm_demo.*does not exist"):
         from tuneline.registry import data_files
-        data_files(str(LF_DATA), "mllm_demo")
+        data_files(str(LF_DATA), selected_entries(str(LF_DATA), "mllm_demo"))

@@ -115,7 +115,7 @@ def choice_token_ids(tokenizer) -> list[int]:
     return [tokenizer.encode(c, add_special_tokens=False)[-1] for c in CHOICES]
 
 
-def predict_letters(model, prompts: list[list[int]], choice_ids: list[int], batch_size: int, pad_id: int) -> list[str]:
+def predict_letters(model, prompts: list[list[int]], choice_ids: list[int], batch_size: int, pad: int) -> list[str]:
     """Right-padded batches; the logits at each prompt's last real token decide among A-D."""
     import torch
 
@@ -123,7 +123,7 @@ def predict_letters(model, prompts: list[list[int]], choice_ids: list[int], batc
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start: start + batch_size]
         width = max(map(len, batch))
-        ids = torch.tensor([p + [pad_id] * (width - len(p)) for p in batch])
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in batch])
         mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch])
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits

@@ -73,10 +73,10 @@ def local_source(dataset_dir: str, entry: dict) -> Path | None:
     return Path(dataset_dir) / entry["file_name"]
 
 
-def data_files(dataset_dir: str, dataset: str) -> list[str]:
-    """Every local data file of the selected datasets; a missing one is an error naming it."""
+def data_files(dataset_dir: str, entries: dict[str, dict]) -> list[str]:
+    """Every local data file of the `selected_entries`; a missing one is an error naming it."""
     files = []
-    for name, entry in selected_entries(dataset_dir, dataset).items():
+    for name, entry in entries.items():
         src = local_source(dataset_dir, entry)
         if src is None:
             continue

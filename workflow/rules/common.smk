@@ -20,13 +20,13 @@ validate(config, str(SCHEMA_PATH), set_default=True)
 # output already exists, and a misspelt dataset name must never plan "nothing to be done".
 try:
     DATASET_ENTRIES = registry.selected_entries(config["dataset_dir"], config["dataset"])
-    DATASET_FILES = registry.data_files(config["dataset_dir"], config["dataset"])
+    DATASET_FILES = registry.data_files(config["dataset_dir"], DATASET_ENTRIES)
     EVAL_ENTRIES, EVAL_FILES = {}, []
     if config["eval_dataset"]:
         if config["val_size"]:
             raise TunelineError("set either val_size or eval_dataset, not both: each defines the eval split.")
         EVAL_ENTRIES = registry.selected_entries(config["dataset_dir"], config["eval_dataset"])
-        EVAL_FILES = registry.data_files(config["dataset_dir"], config["eval_dataset"])
+        EVAL_FILES = registry.data_files(config["dataset_dir"], EVAL_ENTRIES)
 except TunelineError as err:
     raise WorkflowError(str(err)) from None
 
