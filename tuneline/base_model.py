@@ -86,6 +86,13 @@ def load(kind: str, where: dict, revision: str, trust_remote_code: bool, log):
     return model, tokenizer
 
 
+def gguf_field(path, key: str):
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).get_field(key)
+    return field.contents() if field is not None else None
+
+
 def main(inputs, outputs, params, log, threads=1):
     name = params["model_name_or_path"]
     kind, where = resolve_source(name)
@@ -96,6 +103,8 @@ def main(inputs, outputs, params, log, threads=1):
     tokenizer.save_pretrained(out)
     if kind in ("gguf", "folder"):
         source = {"kind": kind, **where, "sha256": sha256_path(where["path"])}
+        if kind == "gguf":  # export_gguf writes it back: llama.cpp picks its pre-tokenizer by this name
+            source["gguf_tokenizer_pre"] = gguf_field(where["path"], "tokenizer.ggml.pre")
     else:
         source = {"kind": kind, **where, "revision": params["model_revision"]}
     n_params = sum(p.numel() for p in model.parameters())

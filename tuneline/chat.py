@@ -1,7 +1,8 @@
-"""`tuneline chat`: talk to a model folder with the template it was trained with.
+"""`tuneline chat`: talk to a model folder or a GGUF file with the template it was trained with.
 
-A merged model (results/merged_model) carries template.json from training, so prompts are
-rendered exactly as in training; another folder falls back to its tokenizer's chat_template.
+A merged model (results/merged_model) and an export folder carry template.json from training, so
+prompts are rendered exactly as in training; anything else falls back to the tokenizer's
+chat_template (for a GGUF file: the one in its metadata).
 """
 
 from __future__ import annotations
@@ -23,11 +24,20 @@ class Chat:
         from transformers import AutoTokenizer
 
         path = Path(model_dir)
-        if not (path / "config.json").is_file():
-            raise TunelineError(f"{model_dir} is not a model folder (no config.json); run "
-                                f"`snakemake --cores 4 results/merged_model` first, or give a model folder.")
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = load_for_inference(path)
+        if path.suffix == ".gguf" and path.is_file():
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            self.model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+            path = path.parent
+        elif (path / "config.json").is_file():
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = load_for_inference(path)
+        else:
+            raise TunelineError(f"{model_dir} is neither a model folder (no config.json) nor a .gguf file; run "
+                                f"`snakemake --cores 4 results/merged_model` first, or give a model folder or GGUF.")
         desc = path / "template.json"
         self.template = (from_description(json.loads(desc.read_text()), self.tokenizer) if desc.is_file()
                          else get_template(None, self.tokenizer))

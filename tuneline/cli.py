@@ -43,8 +43,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tuneline", description="LLM fine-tuning as a Snakemake pipeline. "
                                      "Run the pipeline with `snakemake --cores 4 results/merged_model`.")
     sub = parser.add_subparsers(dest="command", required=True)
-    chat = sub.add_parser("chat", help="chat with a model folder (default: results/merged_model)")
-    chat.add_argument("model", nargs="?", default="results/merged_model", help="model folder")
+    chat = sub.add_parser("chat", help="chat with a model folder or GGUF file (default: results/merged_model)",
+                          description="Chat in the terminal with the template the model was trained with. "
+                                      "Type /clear to forget the conversation, /exit to quit.")
+    chat.add_argument("model", nargs="?", default="results/merged_model",
+                      help="a model folder (merged or bnb export) or a .gguf file from results/export/gguf")
     chat.add_argument("--prompt", action="append", help="answer this prompt and exit (repeat for a conversation)")
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--max-new-tokens", type=int, default=128)

@@ -76,7 +76,9 @@ def check_values(config: dict, schema: dict | None = None) -> None:
         key = err.path[0] if err.path else None
         spec = keys(schema).get(key, {})
         hint = ""
-        if "enum" in spec:
+        if "enum" in spec and len(spec["enum"]) == 1:
+            hint = " " + " ".join(str(spec.get("description", "")).split())
+        elif "enum" in spec:
             hint = " Allowed: " + ", ".join("null" if v is None else str(v) for v in spec["enum"]) + "."
         problems.append(f"config key '{key}' = {config.get(key)!r}: {err.message}.{hint}")
     if problems:

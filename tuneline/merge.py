@@ -16,27 +16,7 @@ from pathlib import Path
 from .errors import TunelineError
 from .modeling import load_causal_lm, pad_id
 from .templates import SlotRenderer, from_description
-
-CHECK_PROMPTS = ["Who are you?", "What is the capital of France?", "Write one sentence about the sea."]
-
-
-def prompt_logits(model, template, prompts=CHECK_PROMPTS) -> list:
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for text in prompts:
-            ids = template.encode_prompt([{"role": "user", "content": text}])
-            out.append(model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float().cpu())
-    return out
-
-
-def compare(a: list, b: list) -> dict:
-    import torch
-
-    max_diff = max(float((x - y).abs().max()) for x, y in zip(a, b))
-    agree = torch.cat([(x.argmax(-1) == y.argmax(-1)).float() for x, y in zip(a, b)]).mean()
-    return {"max_abs_logit_diff": max_diff, "top1_agreement": round(float(agree), 4)}
+from .verify import CHECK_PROMPTS, compare, prompt_logits
 
 
 def main(inputs, outputs, params, log, threads=1):

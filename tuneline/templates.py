@@ -110,6 +110,45 @@ class Template:
     def describe(self) -> dict:
         return {"name": self.name, "stop_words": list(self.stop_words), "efficient_eos": self.efficient_eos}
 
+    def pieces(self) -> dict:
+        """The literal text around each message, found by rendering sentinel messages: keys prefix,
+        system_pre/post, user_pre/post, assistant_pre/post and default_system. For runtimes that take
+        a template of their own (Ollama's Modelfile). Raises TunelineError when turns are not uniform."""
+        s, u, a, u2 = "\x01SYSTEM\x01", "\x02USER\x02", "\x03ASSISTANT\x03", "\x04USER\x04"
+
+        def text(messages, system):
+            return "".join(x + y for x, y in self.render_turns(messages, system, ""))
+
+        one = text([{"role": "user", "content": u}, {"role": "assistant", "content": a}], s)
+        two = text([{"role": "user", "content": u}, {"role": "assistant", "content": a},
+                    {"role": "user", "content": u2}, {"role": "assistant", "content": a}], s)
+        no_system = text([{"role": "user", "content": u}, {"role": "assistant", "content": a}], "")
+        try:
+            head, rest = one.split(s)
+            system_post_user_pre, rest = rest.split(u)
+            user_post, assistant_post = rest.split(a)
+            second = two[len(one):]
+            user_pre = second[: second.index(u2)]
+            if not (two.startswith(one) and second == user_pre + u2 + user_post + a + assistant_post
+                    and system_post_user_pre.endswith(user_pre)):
+                raise ValueError
+        except ValueError:
+            raise TunelineError(f"template '{self.name}' does not render every turn alike; it cannot be "
+                                "written as a per-message template (Ollama).") from None
+        system_post = system_post_user_pre[: len(system_post_user_pre) - len(user_pre)]
+        without = no_system.split(u)[0]
+        prefix, default_system = "", ""
+        if without.endswith(system_post_user_pre) and without.startswith(head) and len(without) > len(
+                head + system_post_user_pre):  # a system block even without a system message: its default
+            default_system = without[len(head): len(without) - len(system_post_user_pre)]
+        elif without.endswith(user_pre) and head.startswith(without[: len(without) - len(user_pre)]):
+            prefix = without[: len(without) - len(user_pre)]
+        else:
+            raise TunelineError(f"template '{self.name}': cannot locate its default system message.")
+        return {"prefix": prefix, "system_pre": head[len(prefix):], "system_post": system_post,
+                "user_pre": user_pre, "user_post": user_post, "assistant_pre": "", "assistant_post": assistant_post,
+                "default_system": default_system}
+
 
 class SlotRenderer(Template):
     def __init__(self, tokenizer, slots: SlotTemplate, default_system: str | None = None):

@@ -27,6 +27,10 @@ try:
             raise TunelineError("set either val_size or eval_dataset, not both: each defines the eval split.")
         EVAL_ENTRIES = registry.selected_entries(config["dataset_dir"], config["eval_dataset"])
         EVAL_FILES = registry.data_files(config["dataset_dir"], EVAL_ENTRIES)
+    CALIBRATION_ENTRIES, CALIBRATION_FILES = {}, []
+    if config["export_quantization_dataset"]:
+        CALIBRATION_ENTRIES = registry.selected_entries(config["dataset_dir"], config["export_quantization_dataset"])
+        CALIBRATION_FILES = registry.data_files(config["dataset_dir"], CALIBRATION_ENTRIES)
 except TunelineError as err:
     raise WorkflowError(str(err)) from None
 
