@@ -42,7 +42,7 @@ def test_rule_params_are_exactly_the_keys_that_name_the_rule():
 def test_every_key_is_fully_described_and_read_by_real_rules():
     rules = set()
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
-        rules |= set(re.findall(r"^rule (\w+):", smk.read_text(), re.M))
+        rules |= set(re.findall(r"^\s*rule (\w+):", smk.read_text(), re.M))
     for key, spec in c.keys().items():
         assert {"type", "default", "description", "rules"} <= set(spec), key
         assert spec["rules"] and set(spec["rules"]) <= rules, key
@@ -51,7 +51,7 @@ def test_every_key_is_fully_described_and_read_by_real_rules():
 def test_every_rule_has_its_script_and_library_module():
     scripted = []
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
-        for rule, body in re.findall(r"^rule (\w+):(.*?)(?=^rule |\Z)", smk.read_text(), re.M | re.S):
+        for rule, body in re.findall(r"^\s*rule (\w+):(.*?)(?=^\s*rule |\Z)", smk.read_text(), re.M | re.S):
             if "script:" in body:
                 assert f'"../../scripts/{rule}.py"' in body
                 assert (REPO / "scripts" / f"{rule}.py").is_file() and (REPO / "tuneline" / f"{rule}.py").is_file()

@@ -81,3 +81,27 @@ def test_snakemake_report_shows_loss_curve_summary_and_merge_check(pipeline):
     html = (pipeline / "report.html").read_text(errors="replace")
     for name in ("loss.png", "summary.md", "merge_report.json"):
         assert name in html, name
+
+
+def test_exports_of_the_tuned_model_are_verified_and_answer(pipeline):
+    import subprocess
+    import sys
+
+    snakemake(pipeline, "export", "results/export/bnb-4bit", check=True, timeout=1800)
+    gguf = pipeline / "results" / "export" / "gguf"
+    report = json.loads((gguf / "export_report.json").read_text())
+    files = report["files"]
+    assert set(files) == {"model-q8_0.gguf", "model-q4_0.gguf", "model-f16.gguf"}
+    assert report["tokenizer_pre"] == "smollm"  # carried over from the GGUF the base came from
+    for name, entry in files.items():
+        assert entry["metadata"]["problems"] == [] and entry["transformers"]["tokenizer_matches"], name
+    top1 = {name: entry["transformers"]["top1_agreement"] for name, entry in files.items()}
+    assert top1["model-f16.gguf"] >= 0.95 and top1["model-q8_0.gguf"] >= 0.9
+    assert top1["model-q4_0.gguf"] < top1["model-q8_0.gguf"]  # 4-bit costs a 135M model; recorded, not hidden
+    assert "Tuna" in files["model-q8_0.gguf"]["transformers"]["answers"][0]
+    bnb = json.loads((pipeline / "results" / "export" / "bnb-4bit" / "export_report.json").read_text())
+    assert bnb["reload_vs_saved"]["max_abs_logit_diff"] == 0.0
+    out = subprocess.run([sys.executable, "-m", "tuneline.cli", "chat", str(gguf / "model-q8_0.gguf"),
+                          "--prompt", HELD_OUT[0], "--max-new-tokens", "40"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "Tuna" in out.stdout.split("Assistant:", 1)[1], out.stdout + out.stderr[-2000:]

@@ -7,7 +7,6 @@ chat_template (for a GGUF file: the one in its metadata).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from .config import defaults
 from .errors import TunelineError
 from .modeling import load_for_inference, pad_id
 from .predict import GENERATION_KEYS
-from .templates import from_description, get_template
+from .templates import load_template
 
 
 
@@ -38,9 +37,7 @@ class Chat:
         else:
             raise TunelineError(f"{model_dir} is neither a model folder (no config.json) nor a .gguf file; run "
                                 f"`snakemake --cores 4 results/merged_model` first, or give a model folder or GGUF.")
-        desc = path / "template.json"
-        self.template = (from_description(json.loads(desc.read_text()), self.tokenizer) if desc.is_file()
-                         else get_template(None, self.tokenizer))
+        self.template = load_template(path, self.tokenizer)
         gen = {k: v for k, v in defaults().items() if k in GENERATION_KEYS}
         gen.update(generation or {})
         if not gen["do_sample"]:
@@ -65,8 +62,10 @@ class Chat:
         worker.start()
         pieces = []
         for piece in streamer:
+            if not pieces or not "".join(pieces).strip():
+                piece = piece.lstrip()  # what is shown is what is kept: the stripped answer
             pieces.append(piece)
-            if stream:
+            if stream and piece:
                 stream.write(piece)
                 stream.flush()
         worker.join()

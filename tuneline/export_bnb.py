@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import TunelineError
 from .modeling import compute_dtype, load_causal_lm, load_for_inference, set_threads
-from .templates import from_description
+from .templates import load_template
 from .verify import behaviour, compare_behaviour
 
 # The least top-1 next-token agreement with the merged model. Measured on SmolLM2-135M: 8-bit ~0.97,
@@ -32,7 +32,7 @@ def main(inputs, outputs, params, log, threads=1):
         raise TunelineError(f"export_bnb: {bits}-bit is not a bitsandbytes format; ask for bnb-4bit or bnb-8bit.")
     model_dir, out = Path(inputs["model"]), Path(outputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    template = from_description(json.loads((model_dir / "template.json").read_text()), tokenizer)
+    template = load_template(model_dir, tokenizer)
     reference = behaviour(load_for_inference(model_dir), template, tokenizer)
 
     quant = {"bits": bits, "type": params["quantization_type"], "double": params["double_quantization"]}

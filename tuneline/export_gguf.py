@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .errors import TunelineError
 from .modeling import load_for_inference, set_threads
-from .templates import from_description
-from .verify import behaviour, compare_behaviour, prompt_ids
+from .templates import load_template
+from .verify import CHECK_PROMPTS, behaviour, compare_behaviour, prompt_ids, same_answers
 
 # HF model_type -> (gguf architecture, whether q/k rows get llama.cpp's rotary permutation)
 ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
@@ -259,14 +259,29 @@ def llama_cpp_check(path: Path, reference: dict, template, tokenizer) -> dict | 
     except ImportError:
         return None
     llm = Llama(model_path=str(path), n_ctx=512, verbose=False, seed=0)
-    rows = prompt_ids(template)
-    same_ids = all(llm.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids for ids in rows)
-    answers = []
-    for ids in rows:
-        out = llm.create_completion(ids, max_tokens=24, temperature=0.0, top_k=1)
-        answers.append(out["choices"][0]["text"].strip())
-    same = sum(a == b for a, b in zip(answers, reference["answers"]))
-    return {"tokenizer_matches": same_ids, "same_greedy_answers": f"{same}/{len(rows)}", "answers": answers}
+    stops = set(template.stop_token_ids())
+    try:
+        rows = prompt_ids(template)
+        same_ids = all(llm.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
+                       for ids in rows)
+        answer_ids = []
+        for ids in rows:
+            llm.reset()
+            new = []
+            for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                if token in stops or len(new) == 24:
+                    break
+                new.append(token)
+            answer_ids.append(new)
+        completion = llm.create_completion(rows[0], max_tokens=24, temperature=0.0, top_k=1)["choices"][0]["text"]
+        # a chat request renders with the chat template stored in the file, as llama.cpp-based apps do
+        chat = llm.create_chat_completion(messages=[{"role": "user", "content": CHECK_PROMPTS[0]}], max_tokens=24,
+                                          temperature=0.0, top_k=1)["choices"][0]["message"]["content"]
+    finally:
+        llm.close()
+    return {"tokenizer_matches": same_ids, "same_greedy_answers": same_answers(answer_ids, reference),
+            "answers": [tokenizer.decode(i, skip_special_tokens=True).strip() for i in answer_ids],
+            "chat_answer": chat.strip(), "chat_template_renders_like_training": chat.strip() == completion.strip()}
 
 
 def main(inputs, outputs, params, log, threads=1):
@@ -281,7 +296,7 @@ def main(inputs, outputs, params, log, threads=1):
                             f"choose from {', '.join(TYPES)}.")
     model_dir = Path(inputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    template = from_description(json.loads((model_dir / "template.json").read_text()), tokenizer)
+    template = load_template(model_dir, tokenizer)
     model = load_for_inference(model_dir)
     source = json.loads((Path(inputs["base"]) / "source.json").read_text())
     pre = tokenizer_pre(source, tokenizer, model.config, log)
@@ -317,6 +332,8 @@ def main(inputs, outputs, params, log, threads=1):
             failures.append(f"{path.name}: top-1 agreement {hf['top1_agreement']:.2f} < {min_top1} (export_min_top1)")
         if cpp is not None and not cpp["tokenizer_matches"]:
             failures.append(f"{path.name}: llama.cpp tokenizes the check prompts differently")
+        if cpp is not None and not cpp["chat_template_renders_like_training"]:
+            failures.append(f"{path.name}: llama.cpp's chat (the file's chat template) prompts unlike training")
     first = f"{name}-{kinds[0]}.gguf"
     (out / "Modelfile").write_text(modelfile(first, template, [tokenizer.convert_ids_to_tokens(i)
                                                                 for i in template.stop_token_ids()]))

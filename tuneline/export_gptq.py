@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import TunelineError
 from .jsonl import read_jsonl
-from .templates import from_description
+from .templates import load_template
 from .verify import behaviour, compare_behaviour
 
 BITS = (2, 3, 4, 8)
@@ -79,7 +79,7 @@ def main(inputs, outputs, params, log, threads=1):
 
     model_dir, out = Path(inputs["model"]), Path(outputs["model"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    template = from_description(json.loads((model_dir / "template.json").read_text()), tokenizer)
+    template = load_template(model_dir, tokenizer)
     texts = calibration_texts(load_examples(inputs, params, log), template, tokenizer,
                               params["export_quantization_nsamples"], params["export_quantization_maxlen"],
                               params["seed"], log)

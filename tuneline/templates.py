@@ -274,3 +274,15 @@ def from_description(desc: dict, tokenizer) -> Template:
         return ChatTemplateRenderer(tokenizer, desc.get("default_system") or None)
     return SlotRenderer(tokenizer, SlotTemplate(**{**desc["slots"], "stop_words": tuple(desc["slots"]["stop_words"])}),
                         desc.get("default_system"))
+
+
+def load_template(folder, tokenizer) -> Template:
+    """The template recorded in `folder`/template.json (merged model, adapter, exports), else the
+    tokenizer's own chat_template."""
+    import json
+    from pathlib import Path
+
+    desc = Path(folder) / "template.json"
+    if desc.is_file():
+        return from_description(json.loads(desc.read_text()), tokenizer)
+    return get_template(None, tokenizer)

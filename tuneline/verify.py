@@ -32,30 +32,37 @@ def compare(a: list, b: list) -> dict:
     return {"max_abs_logit_diff": max_diff, "top1_agreement": round(float(agree), 4)}
 
 
-def greedy_answers(model, template, tokenizer, prompts=CHECK_PROMPTS, max_new_tokens: int = 24) -> list[str]:
+def greedy_ids(model, template, tokenizer, prompts=CHECK_PROMPTS, max_new_tokens: int = 24) -> list[list[int]]:
+    """Greedy continuations as token ids (compared as ids: a random model's text may be broken UTF-8)."""
     import torch
 
     from .modeling import pad_id
 
-    answers = []
+    stops = template.stop_token_ids()
+    out_ids = []
     with torch.no_grad():
         for ids in prompt_ids(template, prompts):
             x = torch.tensor([ids], device=model.device)
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=template.stop_token_ids(),
-                                 pad_token_id=pad_id(tokenizer))
-            answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
-    return answers
+                                 max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id(tokenizer))
+            new = out[0, len(ids):].tolist()
+            out_ids.append(new[: next((i for i, t in enumerate(new) if t in stops), len(new))])
+    return out_ids
 
 
 def behaviour(model, template, tokenizer) -> dict:
     """What the comparisons need from the reference model, computed once."""
-    return {"logits": prompt_logits(model, template), "answers": greedy_answers(model, template, tokenizer)}
+    ids = greedy_ids(model, template, tokenizer)
+    return {"logits": prompt_logits(model, template), "answer_ids": ids,
+            "answers": [tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]}
+
+
+def same_answers(ids: list[list[int]], reference: dict) -> str:
+    return f"{sum(a == b for a, b in zip(ids, reference['answer_ids']))}/{len(ids)}"
 
 
 def compare_behaviour(reference: dict, model, template, tokenizer) -> dict:
     """Logit figures and greedy-answer agreement of `model` against `reference` (from `behaviour`)."""
-    answers = greedy_answers(model, template, tokenizer)
-    same = sum(a == b for a, b in zip(answers, reference["answers"]))
-    return {**compare(reference["logits"], prompt_logits(model, template)),
-            "same_greedy_answers": f"{same}/{len(answers)}", "answers": answers}
+    mine = behaviour(model, template, tokenizer)
+    return {**compare(reference["logits"], mine["logits"]),
+            "same_greedy_answers": same_answers(mine["answer_ids"], reference), "answers": mine["answers"]}
