@@ -29,7 +29,7 @@ test: install
 
 docs: install
 	$(BIN)/tuneline keys --write
-	$(BIN)/snakemake --rulegraph dot 2>/dev/null | dot -Tsvg > docs/rulegraph.svg
+	$(BIN)/snakemake --nolock --rulegraph dot all export results/export/bnb-4bit results/export/gptq-4bit 2>/dev/null | dot -Tsvg > docs/rulegraph.svg
 
 clean:
 	rm -rf results logs .snakemake .tuneline
