@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import TunelineError
 from .modeling import compute_dtype, load_causal_lm, load_for_inference, set_threads
 from .templates import load_template
-from .verify import behaviour, compare_behaviour
+from .verify import behaviour, compare_to
 
 # The least top-1 next-token agreement with the merged model. Measured on SmolLM2-135M: 8-bit ~0.97,
 # nf4 ~0.8; a 4-bit export of a 135M model is expected to drift.
@@ -53,8 +53,9 @@ def main(inputs, outputs, params, log, threads=1):
 
     log.info("reloading %s", out)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, use_safetensors=True).eval()
-    reload_check = compare_behaviour(in_memory, reloaded, template, tokenizer)
-    vs_merged = compare_behaviour(reference, reloaded, template, tokenizer)
+    mine = behaviour(reloaded, template, tokenizer)  # generated once, compared twice
+    reload_check = compare_to(in_memory, mine)
+    vs_merged = compare_to(reference, mine)
     files = sorted(p.name for p in out.iterdir())
     report = {
         "format": f"bitsandbytes {bits}-bit" + (f" {quant['type']}" + (" double-quant" if quant["double"] else "")

@@ -61,8 +61,12 @@ def same_answers(ids: list[list[int]], reference: dict) -> str:
     return f"{sum(a == b for a, b in zip(ids, reference['answer_ids']))}/{len(ids)}"
 
 
-def compare_behaviour(reference: dict, model, template, tokenizer) -> dict:
-    """Logit figures and greedy-answer agreement of `model` against `reference` (from `behaviour`)."""
-    mine = behaviour(model, template, tokenizer)
+def compare_to(reference: dict, mine: dict) -> dict:
+    """Logit figures and greedy-answer agreement of one `behaviour` result against another."""
     return {**compare(reference["logits"], mine["logits"]),
             "same_greedy_answers": same_answers(mine["answer_ids"], reference), "answers": mine["answers"]}
+
+
+def compare_behaviour(reference: dict, model, template, tokenizer) -> dict:
+    """`compare_to` for a model whose behaviour is not computed yet."""
+    return compare_to(reference, behaviour(model, template, tokenizer))
