@@ -45,7 +45,14 @@ def test_every_key_is_fully_described_and_read_by_real_rules():
         rules |= set(re.findall(r"^\s*rule (\w+):", smk.read_text(), re.M))
     for key, spec in c.keys().items():
         assert {"type", "default", "description", "rules"} <= set(spec), key
-        assert spec["rules"] and set(spec["rules"]) <= rules, key
+        assert set(spec["rules"]) <= rules, key
+        # read by rules, or setting their resources / how they are launched (never params)
+        others = spec.get("resources_of", []) + spec.get("launch_of", [])
+        assert bool(spec["rules"]) != bool(others), key
+        assert set(others) <= rules | {"*"}, key
+        if spec.get("resources_of"):
+            assert spec["resource"] in {"gpu", "gpu_model", "mem_mb", "runtime", "cpus_per_task",
+                                        "slurm_partition", "slurm_account"}, key
 
 
 def test_every_rule_has_its_script_and_library_module():

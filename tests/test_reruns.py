@@ -83,9 +83,29 @@ def test_every_artifact_has_provenance(done):
     ("merge_tolerance", "0.05", {"merge"}),
     ("max_new_tokens", "64", set()),  # read by later stages only
     ("temperature", "0.5", set()),
+    ("nproc_per_node", "2", TRAIN_ON),  # the global batch changes
+    ("fsdp", "full_shard", TRAIN_ON),
+    # resources and launch settings: where and how a job runs, never what it computes
+    ("gpus", "1", set()),
+    ("model_job_mem_mb", "1000", set()),
+    ("data_job_cpus", "2", set()),
+    ("slurm_partition", "gpu", set()),
+    ("master_port", "12345", set()),
 ])
 def test_config_change_reruns_exactly_its_readers(done, key, value, expected):
     assert planned_jobs(done, "results/merged_model", "--config", f"{key}={value}") == expected
+
+
+def test_every_job_records_a_benchmark(done):
+    """Snakemake's `benchmark:` file for each job the pipeline ran, with real time and memory."""
+    names = {f.stem for f in (done / "results" / "benchmarks").glob("*.tsv")}
+    assert names == {"base_model", "prepare_data", "tokenize", "train", "merge", "eval_summary",
+                     *(f"{rule}_{m}" for rule in ("predict", "score_generation", "mmlu") for m in ("base", "tuned"))}
+    import csv
+
+    with open(done / "results" / "benchmarks" / "train.tsv") as fh:
+        row = next(csv.DictReader(fh, delimiter="\t"))
+    assert float(row["s"]) > 0 and float(row["max_rss"]) > 100  # seconds; MB (torch alone is more)
 
 
 def test_another_base_model_reruns_model_side_only(done, other_model):

@@ -95,6 +95,36 @@ def rule_params(config: dict, rule: str, schema: dict | None = None) -> dict:
     return {k: full[k] for k in rule_keys(rule, schema)}
 
 
+def rule_resources(config: dict, rule: str, schema: dict | None = None) -> dict:
+    """The Snakemake resources of `rule`, from the keys whose schema entry lists it in
+    `resources_of` (each key names its `resource`). Resources never trigger reruns."""
+    import os
+
+    full = {**defaults(schema), **config}
+    resources = {}
+    for key, spec in keys(schema).items():
+        if rule not in spec.get("resources_of", []) and "*" not in spec.get("resources_of", []):
+            continue
+        value = full[key]
+        gpu_key = key.startswith(("gpu", "slurm_gpu"))
+        if gpu_key and not full["gpus"]:
+            continue  # a CPU-only run: no GPU request, no GPU partition
+        if key == "gpus" and rule == "train":
+            value = max(value, full["nproc_per_node"])
+        if spec["resource"] == "cpus_per_task" and value is None:
+            value = os.cpu_count() or 1
+        if value is not None:
+            resources[spec["resource"]] = value
+    return resources
+
+
+def launch_settings(config: dict, rule: str, schema: dict | None = None) -> dict:
+    """Keys that say how `rule` is launched (`launch_of`, e.g. torchrun's master address):
+    handed to the job without being params, so changing them reruns nothing."""
+    full = {**defaults(schema), **config}
+    return {k: full[k] for k, spec in keys(schema).items() if rule in spec.get("launch_of", [])}
+
+
 def markdown_table(schema: dict | None = None) -> str:
     """The key table for docs/config.md and the README."""
 
@@ -124,7 +154,12 @@ def markdown_table(schema: dict | None = None) -> str:
                 if word in spec:
                     bounds.append(f"{sym} {spec[word]}")
             allowed = ", ".join(bounds)
-        rules = ", ".join(spec.get("rules", [])) or "`tuneline chat`"
+        rules = ", ".join(spec.get("rules", []))
+        if spec.get("resources_of"):
+            rules = "resources of " + (", ".join(spec["resources_of"]).replace("*", "every rule"))
+        elif spec.get("launch_of"):
+            rules = "launch of " + ", ".join(spec["launch_of"])
+        rules = rules or "`tuneline chat`"
         desc = " ".join(str(spec.get("description", "")).split()).replace("|", "\\|")
         rows.append(
             f"| `{key}` | {fmt_type(spec)} | {fmt_default(spec.get('default'))} | {allowed} | {rules} | {desc} |"

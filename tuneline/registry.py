@@ -116,11 +116,15 @@ def looks_like_path(name: str) -> bool:
 
 
 def local_model_inputs(name: str) -> list[str]:
-    """Snakemake inputs for the base model: the local file/folder, or the alias's GGUF."""
+    """Snakemake inputs for the base model: the local file, the files of a local folder (hidden
+    ones left out), or the alias's GGUF."""
     if name in ALIASES:
         try:
             return [str(alias_gguf(name))]
         except TunelineError:
             return []  # base_model itself reports the missing wheel
     path = Path(name).expanduser()
+    if path.is_dir():  # its files, not the folder: a folder has no checksum for --cache to hash
+        return sorted(str(f) for f in path.rglob("*")
+                      if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
     return [str(path)] if path.exists() else []

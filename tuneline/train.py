@@ -5,13 +5,20 @@ so inference renders prompts the same way), loss_history.json, loss.png and trai
 Checkpoints go to .tuneline/checkpoints/<key>, outside the output that Snakemake owns; the
 key is a hash of the config slice and the tokenized data, and the folder is removed after a
 successful run.
+
+With nproc_per_node or nnodes above 1 the job launches itself through torchrun
+(`python -m tuneline.train JOB.json` in every process): DDP, or the deepspeed / fsdp options
+passed to the Trainer. Rank 0 writes the outputs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +60,21 @@ def build_model(base: str, params: dict, dtype, log):
     return model, quant, targets
 
 
+def distributed_arguments(params: dict, cuda: bool) -> dict:
+    """The Trainer's multi-process options: none for a single process."""
+    if world_size(params) == 1:
+        return {}
+    find_unused = params["ddp_find_unused_parameters"]
+    return {
+        "ddp_backend": params["ddp_backend"] or ("nccl" if cuda else "gloo"),
+        "ddp_timeout": params["ddp_timeout"],
+        # LoRA: frozen base weights are not "unused"; searching for them costs a graph walk per step
+        "ddp_find_unused_parameters": False if find_unused is None else find_unused,
+        "deepspeed": params["deepspeed"],
+        "fsdp": params["fsdp"] or "",
+    }
+
+
 def training_arguments(params: dict, out_dir: Path, dtype):
     import torch
     from transformers import TrainingArguments
@@ -85,6 +107,7 @@ def training_arguments(params: dict, out_dir: Path, dtype):
         report_to="none",
         disable_tqdm=False,
         dataloader_num_workers=0,
+        **distributed_arguments(params, cuda),
     )
 
 
@@ -120,7 +143,61 @@ def sort_target_modules(adapter_dir: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def main(inputs, outputs, params, log, threads=1):
+def world_size(params: dict) -> int:
+    return params["nproc_per_node"] * params["nnodes"]
+
+
+def torchrun_command(params: dict, launch: dict, job_file: Path) -> list[str]:
+    """torchrun for this job: standalone on one node (it picks a free port), else the
+    rendezvous at master_addr:master_port with this node's rank (SLURM_NODEID on SLURM)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={params['nproc_per_node']}"]
+    if params["nnodes"] == 1:
+        cmd.append("--standalone")
+    else:
+        node_rank = int(os.environ.get("SLURM_NODEID", launch.get("node_rank", 0)))
+        cmd += [f"--nnodes={params['nnodes']}", f"--node_rank={node_rank}",
+                f"--master_addr={launch.get('master_addr', '127.0.0.1')}",
+                f"--master_port={launch.get('master_port', 29500)}"]
+    return cmd + ["-m", "tuneline.train", str(job_file)]
+
+
+def launch_distributed(inputs, outputs, params, log, threads, launch):
+    """Run this job in nproc_per_node processes through torchrun and wait for them."""
+    from .errors import TunelineError
+
+    ckpt = checkpoint_dir(params, inputs["tokenized"])
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    job_file = ckpt.parent / f"{ckpt.name}.job.json"
+    per_process = max(1, threads // params["nproc_per_node"])
+    log_file = next((h.baseFilename for h in log.handlers if hasattr(h, "baseFilename")), None)
+    job_file.write_text(json.dumps({"inputs": inputs, "outputs": outputs, "params": params,
+                                    "threads": per_process, "log": log_file}, indent=2))
+    cmd = torchrun_command(params, launch, job_file)
+    log.info("launching %d processes (%d threads each): %s", world_size(params), per_process, " ".join(cmd))
+    for handler in log.handlers:  # rank 0 appends to the log: write after its lines, not over them
+        if hasattr(handler, "baseFilename"):
+            handler.mode = "a"
+            handler.close()
+    env = {**os.environ, "OMP_NUM_THREADS": str(per_process)}
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise TunelineError(f"torchrun exited with {proc.returncode}: the processes' errors are above "
+                            f"(and in this rule's log). The job description is {job_file}.")
+    job_file.unlink()
+    return {"train_report": json.loads((Path(outputs["adapter"]) / "train_report.json").read_text())}
+
+
+def main(inputs, outputs, params, log, threads=1, launch=None):
+    ckpt = checkpoint_dir(params, inputs["tokenized"])
+    if ckpt.exists():
+        log.info("removing stale checkpoints in %s (resume is not implemented yet: starting fresh)", ckpt)
+        shutil.rmtree(ckpt)
+    if world_size(params) > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_distributed(inputs, outputs, params, log, threads, launch or {})
+    return train(inputs, outputs, params, log, threads)
+
+
+def train(inputs, outputs, params, log, threads=1):
     import datasets
     import torch
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, set_seed
@@ -137,9 +214,6 @@ def main(inputs, outputs, params, log, threads=1):
     model, quant, targets = build_model(inputs["model"], params, dtype, log)
 
     ckpt = checkpoint_dir(params, inputs["tokenized"])
-    if ckpt.exists():
-        log.info("removing stale checkpoints in %s (resume is not implemented yet: starting fresh)", ckpt)
-        shutil.rmtree(ckpt)
     args = training_arguments(params, ckpt, dtype)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator)
@@ -148,9 +222,10 @@ def main(inputs, outputs, params, log, threads=1):
     seconds = time.perf_counter() - start
     metrics = dict(result.metrics)
     if len(eval_ds):
-        trainer_eval = Trainer(model=model, args=args, eval_dataset=eval_ds, data_collator=collator)
-        metrics.update(trainer_eval.evaluate())
+        metrics.update(trainer.evaluate(eval_dataset=eval_ds))
         log.info("validation loss %.4f", metrics["eval_loss"])
+    if not trainer.is_world_process_zero():
+        return {}  # rank 0 writes the outputs
 
     out = Path(outputs["adapter"])
     out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +240,7 @@ def main(inputs, outputs, params, log, threads=1):
         "quantization": quant,
         "compute_dtype": str(dtype).replace("torch.", ""),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "processes": world_size(params),
         "lora_target_modules": targets,
         "global_steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
@@ -177,3 +253,18 @@ def main(inputs, outputs, params, log, threads=1):
              trainer.state.global_step, seconds, report["real_tokens_per_second"], metrics.get("train_loss", float("nan")))
     shutil.rmtree(ckpt, ignore_errors=True)
     return {"train_report": report}
+
+
+def worker(job_file: str) -> None:
+    """One torchrun process: rank 0 logs to the rule's log file, every rank to stderr."""
+    from .rule import setup_logging
+
+    job = json.loads(Path(job_file).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    # rank 0 appends to the rule's log after the launcher's lines; every rank logs to stderr
+    log = setup_logging(job["log"] if rank == 0 else None, f"train.rank{rank}", mode="a")
+    train(job["inputs"], job["outputs"], job["params"], log, job["threads"])
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])

@@ -4,7 +4,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from tuneline import registry
-from tuneline.config import SCHEMA_PATH, check_unknown_keys, check_values, coerce_cli_values, rule_params
+from tuneline.config import (SCHEMA_PATH, check_unknown_keys, check_values, coerce_cli_values, launch_settings,
+                             rule_params, rule_resources)
 from tuneline.errors import TunelineError
 
 try:
@@ -35,6 +36,22 @@ except TunelineError as err:
     raise WorkflowError(str(err)) from None
 
 
+# Between-experiment sharing: run with `--cache` (and SNAKEMAKE_OUTPUT_CACHE set) and the rules
+# marked `cache: SHARED` (base_model, prepare_data, prepare_eval_data, tokenize) take their results
+# from the cache when any experiment made them from the same inputs, params and script.
+# Snakemake forbids `benchmark:` on a cached rule (a result taken from the cache has no timing),
+# so those rules get their benchmark file only when --cache is off: see benchmark_unless_shared.
+SHARED = workflow.workflow_settings.cache is not None
+
+
+def benchmark_unless_shared(rule_proxy):
+    """What `benchmark: "results/benchmarks/<rule>.tsv"` declares, set after the rule exists."""
+    if not SHARED:
+        job_rule = rule_proxy.rule
+        job_rule.benchmark_modifier = job_rule.log_modifier  # the path modifier its `log:` went through
+        job_rule.benchmark = f"results/benchmarks/{job_rule.name}.tsv"
+
+
 def params_for(rule_name):
     """The config keys `rule_name` reads (config/schema.yaml `rules:`), as its params."""
     return rule_params(config, rule_name)
@@ -48,3 +65,14 @@ def base_model_source(wildcards):
 def eval_split(wildcards):
     """predict's eval split: the eval_dataset names when set, else prepare_data's val_size split."""
     return "results/eval_data" if config["eval_dataset"] else "results/data"
+
+
+def resources_for(rule_name):
+    """The job's resources from the cluster keys (config/schema.yaml `resources_of`), plus how
+    the rule is launched (`launch_of`); neither triggers reruns."""
+    return {**rule_resources(config, rule_name), **launch_settings(config, rule_name)}
+
+
+def threads_for(rule_name):
+    return rule_resources(config, rule_name).get("cpus_per_task", 1)
+

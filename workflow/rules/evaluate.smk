@@ -18,9 +18,13 @@ rule predict:
         predictions="results/eval/{model}/generated_predictions.jsonl",
     log:
         "logs/predict_{model}.log",
+    benchmark:
+        "results/benchmarks/predict_{model}.tsv"
+    resources:
+        **resources_for("predict"),
+    threads: threads_for("predict")
     params:
         cfg=params_for("predict"),
-    threads: os.cpu_count() or 1
     script:
         "../../scripts/predict.py"
 
@@ -33,6 +37,11 @@ rule score_generation:
         scores="results/eval/{model}/predict_results.json",
     log:
         "logs/score_generation_{model}.log",
+    benchmark:
+        "results/benchmarks/score_generation_{model}.tsv"
+    resources:
+        **resources_for("score_generation"),
+    threads: threads_for("score_generation")
     params:
         cfg=params_for("score_generation"),
     script:
@@ -47,9 +56,13 @@ rule mmlu:
         scores="results/eval/{model}/mmlu.json",
     log:
         "logs/mmlu_{model}.log",
+    benchmark:
+        "results/benchmarks/mmlu_{model}.tsv"
+    resources:
+        **resources_for("mmlu"),
+    threads: threads_for("mmlu")
     params:
         cfg=params_for("mmlu"),
-    threads: os.cpu_count() or 1
     script:
         "../../scripts/mmlu.py"
 
@@ -66,6 +79,11 @@ rule eval_summary:
         json="results/eval/summary.json",
     log:
         "logs/eval_summary.log",
+    benchmark:
+        "results/benchmarks/eval_summary.tsv"
+    resources:
+        **resources_for("eval_summary"),
+    threads: threads_for("eval_summary")
     params:
         cfg=params_for("eval_summary"),
     script:

@@ -17,9 +17,13 @@ rule export_gguf:
         gguf=directory("results/export/gguf"),
     log:
         "logs/export_gguf.log",
+    benchmark:
+        "results/benchmarks/export_gguf.tsv"
+    resources:
+        **resources_for("export_gguf"),
+    threads: threads_for("export_gguf")
     params:
         cfg=params_for("export_gguf"),
-    threads: os.cpu_count() or 1
     script:
         "../../scripts/export_gguf.py"
 
@@ -32,10 +36,14 @@ rule export_bnb:
         model=directory("results/export/bnb-{bnb_bits}bit"),
     log:
         "logs/export_bnb-{bnb_bits}bit.log",
+    benchmark:
+        "results/benchmarks/export_bnb-{bnb_bits}bit.tsv"
+    resources:
+        **resources_for("export_bnb"),
+    threads: threads_for("export_bnb")
     params:
         cfg=params_for("export_bnb"),
         bits=lambda wildcards: int(wildcards.bnb_bits),
-    threads: os.cpu_count() or 1
     script:
         "../../scripts/export_bnb.py"
 
@@ -51,11 +59,15 @@ rule export_gptq:
         model=directory("results/export/gptq-{gptq_bits}bit"),
     log:
         "logs/export_gptq-{gptq_bits}bit.log",
+    benchmark:
+        "results/benchmarks/export_gptq-{gptq_bits}bit.tsv"
+    resources:
+        **resources_for("export_gptq"),
+    threads: threads_for("export_gptq")
     params:
         cfg=params_for("export_gptq"),
         bits=lambda wildcards: int(wildcards.gptq_bits),
         entries=CALIBRATION_ENTRIES,
-    threads: os.cpu_count() or 1
     script:
         "../../scripts/export_gptq.py"
 
@@ -81,6 +93,11 @@ if config["export_dir"]:
             export=directory(config["export_dir"]),
         log:
             "logs/export.log",
+        benchmark:
+            "results/benchmarks/export.tsv"
+        resources:
+            **resources_for("export"),
+        threads: threads_for("export")
         params:
             cfg=params_for("export"),
         script:

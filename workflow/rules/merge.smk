@@ -8,6 +8,11 @@ rule merge:
                      caption="../../report/merge.rst", category="Merge check"),
     log:
         "logs/merge.log",
+    benchmark:
+        "results/benchmarks/merge.tsv"
+    resources:
+        **resources_for("merge"),
+    threads: threads_for("merge")
     params:
         cfg=params_for("merge"),
     script:

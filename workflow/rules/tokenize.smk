@@ -1,5 +1,6 @@
 rule tokenize:
     """Template + cutoff_len -> input_ids and labels masked on the prompt."""
+    cache: SHARED  # between experiments, with --cache (common.smk)
     input:
         data="results/data",
         model="results/base_model",
@@ -7,7 +8,13 @@ rule tokenize:
         tokenized=directory("results/tokenized"),
     log:
         "logs/tokenize.log",
+    resources:
+        **resources_for("tokenize"),
+    threads: threads_for("tokenize")
     params:
         cfg=params_for("tokenize"),
     script:
         "../../scripts/tokenize.py"
+
+
+benchmark_unless_shared(rules.tokenize)

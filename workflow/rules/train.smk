@@ -8,8 +8,12 @@ rule train:
                        category="Training"),
     log:
         "logs/train.log",
+    benchmark:
+        "results/benchmarks/train.tsv"
+    resources:
+        **resources_for("train"),
+    threads: threads_for("train")
     params:
         cfg=params_for("train"),
-    threads: os.cpu_count() or 1  # capped by --cores
     script:
         "../../scripts/train.py"
