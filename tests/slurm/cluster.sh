@@ -6,8 +6,11 @@
 #   tests/slurm/cluster.sh stop    stop what `start` started
 #   tests/slurm/cluster.sh env     print the environment a client needs (SLURM_CONF=...)
 #
-# Nothing outside $TUNELINE_SLURM_DIR is configured: the cluster's own slurm.conf and munge socket
-# live there (SLURM_CONF points at it), so a machine's real SLURM or munge is left alone.
+# The cluster's files (slurm.conf, gres.conf, munge socket and key, state, logs) live in
+# $TUNELINE_SLURM_DIR. /etc/slurm/slurm.conf and gres.conf become links to them, because the
+# executor plugin's job step drops SLURM_CONF from the environment of its inner `srun`; a machine
+# that already has an /etc/slurm/slurm.conf of its own is refused, never changed. `stop` removes
+# the links. The system's munged, if any, is left alone: this cluster runs its own on its own socket.
 # No accounting daemon (slurmdbd): finished jobs are kept in a job-completion log (jobcomp/filetxt),
 # which the test reads as the scheduler's record of what ran.
 set -euo pipefail
@@ -68,9 +71,17 @@ NodeName=$HOST CPUs=$cpus RealMemory=$mem Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
     echo "NodeName=$HOST Name=gpu File=/dev/null" >"$DIR/gres.conf"
+    mkdir -p /etc/slurm
+    for f in slurm.conf gres.conf; do
+        if [ -e "/etc/slurm/$f" ] && [ "$(readlink "/etc/slurm/$f")" != "$DIR/$f" ]; then
+            die "/etc/slurm/$f exists and is not this test cluster's: not touching a real SLURM setup"
+        fi
+        ln -sfn "$DIR/$f" "/etc/slurm/$f"
+    done
 }
 
 start() {
+    [ "$(id -u)" = 0 ] || die "starting a test cluster needs root (daemons, /etc/slurm links)"
     mkdir -p "$DIR"
     install_packages
     stop quiet
@@ -100,6 +111,9 @@ stop() {
             kill "$(cat "$pidfile")" 2>/dev/null || true
             rm -f "$pidfile"
         fi
+    done
+    for f in slurm.conf gres.conf; do
+        if [ "$(readlink "/etc/slurm/$f" 2>/dev/null)" = "$DIR/$f" ]; then rm -f "/etc/slurm/$f"; fi
     done
     sleep 1
     [ "${1:-}" = quiet ] || echo "SLURM stopped"
