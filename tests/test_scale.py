@@ -139,3 +139,40 @@ def test_a_failing_process_fails_the_rule(tmp_path, tiny_model):
     assert proc.returncode != 0
     assert "torchrun exited with" in (work / "logs" / "train.log").read_text()
     assert not (work / "results" / "adapter").exists()
+
+
+# ---------------------------------------------------------------- reproducible benchmark reruns
+
+def test_bench_reruns_a_config_and_reports_spread_and_identity(tmp_path, tiny_model):
+    import subprocess
+    import sys
+
+    work = make_workdir(tmp_path, tiny_model, max_steps=3)
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "tuneline.cli", "bench", str(work / "tuneline.yaml"), "--runs", "2",
+                           "--target", "results/adapter", "--out", str(out)],
+                          capture_output=True, text=True, cwd=work, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((out / "bench.json").read_text())
+    assert summary["runs"] == 2 and len(summary["benchmarks"]) == 2
+    for run in summary["benchmarks"]:
+        assert set(run) == {"base_model", "prepare_data", "tokenize", "train"}
+        assert run["train"]["seconds"] > 0 and run["train"]["max_rss_mb"] > 100
+    losses = [m["train_loss"] for m in summary["metrics"]]
+    assert losses[0] == losses[1]  # fixed seed, CPU: the same loss to the last bit
+    assert summary["differing_files"] == {"adapter": [], "base_model": [], "data": [], "tokenized": []}
+    table = proc.stdout
+    assert re.search(r"^train\s+[\d.]+ ± ", table, re.M) and "adapter" in table and "identical" in table
+
+
+def test_bench_names_the_files_that_differ(tmp_path):
+    from tuneline.bench import compare_artifacts, file_digest
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"loss": 1.5, "train_runtime": 3.2, "nested": {"samples_per_second": 10}}))
+    b.write_text(json.dumps({"loss": 1.5, "train_runtime": 9.9, "nested": {"samples_per_second": 20}}))
+    assert file_digest(a) == file_digest(b)  # timings aside
+    b.write_text(json.dumps({"loss": 1.6, "train_runtime": 3.2}))
+    assert file_digest(a) != file_digest(b)
+    runs = [{"adapter": {"w.safetensors": "1", "cfg.json": "x"}}, {"adapter": {"w.safetensors": "2", "cfg.json": "x"}}]
+    assert compare_artifacts(runs) == {"adapter": ["w.safetensors"]}

@@ -1,4 +1,4 @@
-"""The `tuneline` command: `tuneline chat` and `tuneline keys`."""
+"""The `tuneline` command: `tuneline chat`, `tuneline keys` and `tuneline bench`."""
 
 from __future__ import annotations
 
@@ -39,6 +39,17 @@ def _keys(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from pathlib import Path
+
+    from .bench import bench
+
+    config = Path(args.config)
+    out = Path(args.out) if args.out else Path("bench") / config.stem
+    bench(config, args.runs, args.target, args.cores, out, args.snakemake_args)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tuneline", description="LLM fine-tuning as a Snakemake pipeline. "
                                      "Run the pipeline with `snakemake --cores 4 results/merged_model`.")
@@ -56,6 +67,20 @@ def main(argv=None) -> int:
     keys = sub.add_parser("keys", help="print the config key table (Markdown), generated from config/schema.yaml")
     keys.add_argument("--write", action="store_true", help="regenerate docs/config.md and the README's key table")
     keys.set_defaults(fn=_keys)
+    bench = sub.add_parser(
+        "bench", help="rerun a config N times from scratch: mean/spread of time, memory, loss, scores",
+        description="Run the pipeline N times, each in a fresh folder <out>/run-<i>, with the config's "
+                    "fixed seed. Prints mean and spread of each job's time and peak memory (Snakemake's "
+                    "benchmark: records), of the losses and evaluation scores, and whether every artifact "
+                    "came out identical. Writes <out>/bench.json and bench.txt.")
+    bench.add_argument("config", help="a Tuneline config file (YAML), as given to snakemake --configfile")
+    bench.add_argument("--runs", type=int, default=3, help="how many runs (default 3)")
+    bench.add_argument("--target", default="all", help="Snakemake target (default all: merged model + evaluation)")
+    bench.add_argument("--cores", type=int, default=2, help="snakemake --cores (default 2)")
+    bench.add_argument("--out", help="folder for the runs (default bench/<config name>)")
+    bench.add_argument("snakemake_args", nargs="*", metavar="-- SNAKEMAKE_ARGS",
+                       help="further snakemake options after --, e.g. -- --profile profiles/slurm")
+    bench.set_defaults(fn=_bench)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
