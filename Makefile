@@ -32,4 +32,4 @@ docs: install
 	$(BIN)/snakemake --nolock --rulegraph dot all export results/export/bnb-4bit results/export/gptq-4bit 2>/dev/null | dot -Tsvg > docs/rulegraph.svg
 
 clean:
-	rm -rf results logs .snakemake .tuneline
+	rm -rf results logs .snakemake .tuneline bench

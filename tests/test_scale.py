@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
 import yaml
 
 from conftest import make_workdir, snakemake
@@ -176,3 +175,10 @@ def test_bench_names_the_files_that_differ(tmp_path):
     assert file_digest(a) != file_digest(b)
     runs = [{"adapter": {"w.safetensors": "1", "cfg.json": "x"}}, {"adapter": {"w.safetensors": "2", "cfg.json": "x"}}]
     assert compare_artifacts(runs) == {"adapter": ["w.safetensors"]}
+
+
+def test_local_profile_plans_the_same_dag(tmp_path, tiny_model):
+    from conftest import REPO, planned_jobs
+
+    work = make_workdir(tmp_path, tiny_model)
+    assert planned_jobs(work, "all", "--profile", str(REPO / "profiles" / "local")) == planned_jobs(work, "all")
