@@ -182,3 +182,21 @@ def test_local_profile_plans_the_same_dag(tmp_path, tiny_model):
 
     work = make_workdir(tmp_path, tiny_model)
     assert planned_jobs(work, "all", "--profile", str(REPO / "profiles" / "local")) == planned_jobs(work, "all")
+
+
+def test_distributed_options_reach_the_trainer_and_torchrun():
+    from tuneline.config import defaults
+    from tuneline.train import distributed_arguments, torchrun_command
+
+    params = {**defaults(), "nproc_per_node": 2}
+    assert distributed_arguments({**params, "nproc_per_node": 1}, cuda=False) == {}  # one process: plain
+    args = distributed_arguments({**params, "fsdp": "full_shard auto_wrap", "deepspeed": "ds.json"}, cuda=False)
+    assert args["ddp_backend"] == "gloo" and args["ddp_find_unused_parameters"] is False
+    assert args["fsdp"] == "full_shard auto_wrap" and args["deepspeed"] == "ds.json"
+    assert distributed_arguments(params, cuda=True)["ddp_backend"] == "nccl"
+    one_node = torchrun_command(params, {}, "job.json")
+    assert "--standalone" in one_node and "--nproc_per_node=2" in one_node
+    two_nodes = torchrun_command({**params, "nnodes": 2}, {"master_addr": "10.0.0.1", "master_port": 29501,
+                                                            "node_rank": 1}, "job.json")
+    assert {"--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29501"} <= set(two_nodes)
+    assert two_nodes[-3:] == ["-m", "tuneline.train", "job.json"]
