@@ -30,34 +30,62 @@ def main(inputs, outputs, params, log, threads=1):
     tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
     template = from_description(template_desc, tokenizer)
 
+    if not (adapter / "adapter_config.json").is_file():  # freeze / full tuning: already a full model
+        log.info("%s tuning wrote a full model: nothing to merge, passing it through",
+                 report_in.get("finetuning_type", "full"))
+        merged = load_causal_lm(adapter, torch.float32)
+        report = {"finetuning_type": report_in.get("finetuning_type"), "merged": False,
+                  "note": "the train output is the tuned model itself; saved with tokenizer and template"}
+        return save_merged(merged, tokenizer, template, adapter, Path(outputs["model"]), report, params)
+
+    quant = report_in.get("quantization")
+    merge_base = params["merge_base"] if quant else "original"
+    report = {"finetuning_type": "lora", "merged": True, "merge_base": merge_base,
+              "merge_tolerance": params["merge_tolerance"], "prompts": CHECK_PROMPTS}
     log.info("loading the base in fp32 and applying the adapter")
-    model = PeftModel.from_pretrained(load_causal_lm(inputs["model"], torch.float32), adapter)
+    merged, report["merge_error"], merged_logits = merge_into(load_causal_lm(inputs["model"], torch.float32),
+                                                              adapter, template)
+    if quant:
+        log.info("loading the %d-bit base the adapter was trained on", quant["bits"])
+        qmodel = PeftModel.from_pretrained(load_causal_lm(inputs["model"], torch.float32, quant), adapter)
+        trained_logits = prompt_logits(qmodel, template)
+        log.info("merging into the dequantized %d-bit weights as well", quant["bits"])
+        dequantized = qmodel.unload().dequantize().to(torch.float32)
+        merged_dq, error_dq, logits_dq = merge_into(dequantized, adapter, template)
+        report["trained_vs_merged"] = {
+            "original": compare(trained_logits, merged_logits),
+            "dequantized": compare(trained_logits, logits_dq),
+            "note": "the trained model (quantized base + adapter) against each merge: `original` shows "
+                    "what quantization changed, `dequantized` reproduces the trained model",
+        }
+        report["quantization_error"] = report["trained_vs_merged"]["original"]
+        for name, diff in report["trained_vs_merged"].items():
+            if name != "note":
+                log.info("trained %d-bit model vs merge into the %s base: max |logit diff| %.3g, top-1 agreement "
+                         "%.0f%%", quant["bits"], name, diff["max_abs_logit_diff"], 100 * diff["top1_agreement"])
+        if merge_base == "dequantized":
+            merged, report["merge_error"] = merged_dq, error_dq
+        del qmodel
+    log.info("merge error (%s base): max |logit diff| %.2e (tolerance %.0e)", merge_base,
+             report["merge_error"]["max_abs_logit_diff"], params["merge_tolerance"])
+    return save_merged(merged, tokenizer, template, adapter, Path(outputs["model"]), report, params)
+
+
+def merge_into(base, adapter: Path, template):
+    """The adapter applied on `base`, merged; with the merge error and the merged model's logits."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, adapter)
     with_adapter = prompt_logits(model, template)
     merged = model.merge_and_unload()
     merged_logits = prompt_logits(merged, template)
-    report = {"merge_error": compare(with_adapter, merged_logits), "merge_tolerance": params["merge_tolerance"],
-              "prompts": CHECK_PROMPTS}
-    log.info("merge error: max |logit diff| %.2e (tolerance %.0e)",
-             report["merge_error"]["max_abs_logit_diff"], params["merge_tolerance"])
+    return merged, compare(with_adapter, merged_logits), merged_logits
 
-    quant = report_in.get("quantization")
-    if quant:
-        log.info("loading the %d-bit base the adapter was trained on, for the quantization error", quant["bits"])
-        qmodel = PeftModel.from_pretrained(load_causal_lm(inputs["model"], torch.float32, quant), adapter)
-        report["quantization_error"] = {
-            **compare(prompt_logits(qmodel, template), merged_logits),
-            "note": "trained (quantized base + adapter) vs merged into the full-precision base; "
-                    "this is quantization, not a merge fault",
-        }
-        log.info("quantization error (trained %d-bit model vs merged): max |logit diff| %.2f, top-1 agreement %.0f%%",
-                 quant["bits"], report["quantization_error"]["max_abs_logit_diff"],
-                 100 * report["quantization_error"]["top1_agreement"])
-        del qmodel
 
-    out = Path(outputs["model"])
+def save_merged(merged, tokenizer, template, adapter: Path, out: Path, report: dict, params: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if report["merge_error"]["max_abs_logit_diff"] > params["merge_tolerance"]:
+    if report.get("merge_error") and report["merge_error"]["max_abs_logit_diff"] > params["merge_tolerance"]:
         raise TunelineError(
             f"merge check failed: the merged model's logits differ from the adapter-on-base model's by "
             f"{report['merge_error']['max_abs_logit_diff']:.3g} > merge_tolerance={params['merge_tolerance']} "

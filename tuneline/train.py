@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import TunelineError
 from .modeling import compute_dtype, load_causal_lm, lora_targets, set_threads
 from .provenance import sha256_path
 
@@ -33,16 +34,82 @@ def checkpoint_dir(params: dict, tokenized: str) -> Path:
     return CHECKPOINT_ROOT / f"train-{key}"
 
 
+def _names(value: str | None) -> list[str]:
+    return [x.strip() for x in (value or "").split(",") if x.strip()]
+
+
+def decoder_layers(model):
+    """(parameter-name prefix, count) of the model's stack of transformer layers."""
+    import torch
+
+    count = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return name, count
+    raise TunelineError("finetuning_type freeze: cannot find this model's list of transformer layers.")
+
+
+def apply_freeze(model, params: dict) -> list[str]:
+    """LLaMA-Factory's freeze tuning: train the last (+n) or first (-n) layers, optionally only some
+    submodules in them, plus extra modules outside the layers. Returns the trained parameter names."""
+    prefix, count = decoder_layers(model)
+    n = params["freeze_trainable_layers"]
+    if n == 0 or abs(n) > count:
+        raise TunelineError(f"freeze_trainable_layers: {n} - this model has {count} layers; use 1..{count} "
+                            f"(the last n) or -1..-{count} (the first n).")
+    layer_ids = set(range(count - n, count)) if n > 0 else set(range(-n))
+    modules, extras = _names(params["freeze_trainable_modules"]), _names(params["freeze_extra_modules"])
+    trained, seen_in_layers, seen_outside = [], set(), set()
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        in_layers = name.startswith(prefix + ".")
+        if in_layers:
+            layer = int(name[len(prefix) + 1:].split(".")[0])
+            seen_in_layers.update(parts[len(prefix.split(".")) + 1:-1])
+            train = layer in layer_ids and (modules == ["all"] or any(m in parts for m in modules))
+        else:
+            seen_outside.update(parts[:-1])
+            train = any(e in parts for e in extras)
+        param.requires_grad_(train)
+        if train:
+            trained.append(name)
+    for wanted, seen, key in ((modules, seen_in_layers, "freeze_trainable_modules"),
+                              (extras, seen_outside, "freeze_extra_modules")):
+        missing = [m for m in wanted if m != "all" and m not in seen]
+        if missing:
+            raise TunelineError(f"{key}: {', '.join(missing)} names no module of this model; available: "
+                                f"{', '.join(sorted(seen - {''}))}.")
+    return trained
+
+
 def build_model(base: str, params: dict, dtype, log):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    method = params["finetuning_type"]
     quant = None
     if params["quantization_bit"]:
+        if method != "lora":
+            raise TunelineError(f"finetuning_type {method} trains the base weights themselves, which a "
+                                f"{params['quantization_bit']}-bit base cannot do: set quantization_bit: null, "
+                                "or use finetuning_type: lora (QLoRA).")
         quant = {"bits": params["quantization_bit"], "type": params["quantization_type"],
                  "double": params["double_quantization"]}
     model_dtype = dtype if torch.cuda.is_available() or dtype == torch.float32 else torch.float32
     model = load_causal_lm(base, model_dtype, quant)
+    if method != "lora":
+        if method == "freeze":
+            trained = apply_freeze(model, params)
+        else:
+            trained = [n for n, p in model.named_parameters() if p.requires_grad_(True) is not None]
+        if params["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log.info("%s tuning: %d trainable of %d parameters (%.2f%%) in %d tensors; compute %s", method, trainable,
+                 total, 100 * trainable / total, len(trained), str(dtype).replace("torch.", ""))
+        return model, quant, trained
+
     targets = lora_targets(model, params["lora_target"])
     if quant:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params["gradient_checkpointing"])
@@ -50,14 +117,31 @@ def build_model(base: str, params: dict, dtype, log):
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     lora = LoraConfig(r=params["lora_rank"], lora_alpha=params["lora_alpha"] or 2 * params["lora_rank"],
-                      lora_dropout=params["lora_dropout"], target_modules=targets, task_type="CAUSAL_LM")
+                      lora_dropout=params["lora_dropout"], target_modules=targets, task_type="CAUSAL_LM",
+                      use_dora=params["use_dora"], use_rslora=params["use_rslora"],
+                      modules_to_save=_names(params["additional_target"]) or None)
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%); base %s, compute %s",
+    variant = "".join([" DoRA" if params["use_dora"] else "", " rsLoRA" if params["use_rslora"] else "",
+                       f" + full {params['additional_target']}" if params["additional_target"] else ""])
+    log.info("LoRA%s r=%d on %s: %d trainable of %d parameters (%.2f%%); base %s, compute %s", variant,
              params["lora_rank"], ",".join(targets), trainable, total, 100 * trainable / total,
              f"{quant['bits']}-bit {quant['type'] if quant['bits'] == 4 else ''}".strip() if quant else "unquantised",
              str(dtype).replace("torch.", ""))
     return model, quant, targets
+
+
+def loraplus_optimizer(model, args, params: dict):
+    """LoRA+ (PEFT's create_loraplus_optimizer) with the optimizer class that `optim` names."""
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    return create_loraplus_optimizer(model, optimizer_cls, lr=params["learning_rate"],
+                                     loraplus_lr_ratio=params["loraplus_lr_ratio"],
+                                     loraplus_lr_embedding=params["loraplus_lr_embedding"],
+                                     weight_decay=params["weight_decay"], **kwargs)
 
 
 def distributed_arguments(params: dict, cuda: bool) -> dict:
@@ -102,9 +186,11 @@ def training_arguments(params: dict, out_dir: Path, dtype):
         bf16=cuda and dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16,
         use_cpu=not cuda,
-        eval_strategy="no",
+        eval_strategy=params["eval_strategy"],
+        eval_steps=params["eval_steps"] or params["logging_steps"],
         per_device_eval_batch_size=params["per_device_train_batch_size"],
-        report_to="none",
+        optim=params["optim"],
+        report_to=[] if params["report_to"] == "none" else [params["report_to"]],
         disable_tqdm=False,
         dataloader_num_workers=0,
         **distributed_arguments(params, cuda),
@@ -163,8 +249,6 @@ def torchrun_command(params: dict, launch: dict, job_file: Path) -> list[str]:
 
 def launch_distributed(inputs, outputs, params, log, threads, launch):
     """Run this job in nproc_per_node processes through torchrun and wait for them."""
-    from .errors import TunelineError
-
     ckpt = checkpoint_dir(params, inputs["tokenized"])
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     job_file = ckpt.parent / f"{ckpt.name}.job.json"
@@ -188,13 +272,24 @@ def launch_distributed(inputs, outputs, params, log, threads, launch):
 
 
 def main(inputs, outputs, params, log, threads=1, launch=None):
-    ckpt = checkpoint_dir(params, inputs["tokenized"])
-    if ckpt.exists():
-        log.info("removing stale checkpoints in %s (resume is not implemented yet: starting fresh)", ckpt)
-        shutil.rmtree(ckpt)
     if world_size(params) > 1 and "LOCAL_RANK" not in os.environ:
         return launch_distributed(inputs, outputs, params, log, threads, launch or {})
     return train(inputs, outputs, params, log, threads)
+
+
+def resumable_checkpoint(ckpt: Path, key: dict, log) -> str | None:
+    """The newest checkpoint of an interrupted run of exactly this config and data, if any.
+    The folder name is a hash of both; train_key.json inside is checked too, never trusted blindly."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not ckpt.is_dir():
+        return None
+    stored = ckpt / "train_key.json"
+    if not stored.is_file() or json.loads(stored.read_text()) != key:
+        log.warning("%s holds checkpoints of another config or data: removing them, starting fresh", ckpt)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return None
+    return get_last_checkpoint(str(ckpt))
 
 
 def train(inputs, outputs, params, log, threads=1):
@@ -211,14 +306,33 @@ def train(inputs, outputs, params, log, threads=1):
     train_ds = datasets.load_from_disk(str(Path(inputs["tokenized"]) / "train"))
     eval_dir = Path(inputs["tokenized"]) / "validation"
     eval_ds = datasets.load_from_disk(str(eval_dir)) if eval_dir.is_dir() else []
+    if params["eval_strategy"] != "no" and not len(eval_ds):
+        raise TunelineError(f"eval_strategy {params['eval_strategy']} needs a validation split: set val_size "
+                            "(e.g. 0.1) so that prepare_data holds examples out.")
     model, quant, targets = build_model(inputs["model"], params, dtype, log)
 
     ckpt = checkpoint_dir(params, inputs["tokenized"])
+    key = {"params": params, "tokenized": sha256_path(inputs["tokenized"])}
+    resume = resumable_checkpoint(ckpt, key, log)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "train_key.json").write_text(json.dumps(key, indent=2, sort_keys=True))
+    if resume:
+        log.info("resuming the interrupted run from %s", resume)
+    if params["report_to"] == "tensorboard":  # events beside the checkpoints; copied to the output at the end
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(ckpt / "runs")
     args = training_arguments(params, ckpt, dtype)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator)
+    optimizers = (None, None)
+    if params["loraplus_lr_ratio"]:
+        if params["finetuning_type"] != "lora":
+            raise TunelineError("loraplus_lr_ratio applies to finetuning_type lora only.")
+        optimizers = (loraplus_optimizer(model, args, params), None)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
+                      eval_dataset=eval_ds if params["eval_strategy"] != "no" else None, optimizers=optimizers)
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     metrics = dict(result.metrics)
     if len(eval_ds):
@@ -230,18 +344,24 @@ def train(inputs, outputs, params, log, threads=1):
     out = Path(outputs["adapter"])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    sort_target_modules(out)
+    if params["finetuning_type"] == "lora":
+        sort_target_modules(out)
     shutil.copy(Path(inputs["tokenized"]) / "template.json", out / "template.json")
+    if (ckpt / "runs").is_dir():
+        shutil.copytree(ckpt / "runs", out / "runs")
     history = trainer.state.log_history
     (out / "loss_history.json").write_text(json.dumps(history, indent=2) + "\n")
-    plot_loss(history, out / "loss.png", f"LoRA r={params['lora_rank']}, lr={params['learning_rate']}")
+    title = (f"LoRA r={params['lora_rank']}" if params["finetuning_type"] == "lora" else params["finetuning_type"])
+    plot_loss(history, out / "loss.png", f"{title}, lr={params['learning_rate']}")
     real_tokens = sum(len(x) for x in train_ds["input_ids"]) * (trainer.state.epoch or 1)
     report = {
+        "finetuning_type": params["finetuning_type"],
         "quantization": quant,
         "compute_dtype": str(dtype).replace("torch.", ""),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "processes": world_size(params),
-        "lora_target_modules": targets,
+        "resumed_from": Path(resume).name if resume else None,
+        "lora_target_modules" if params["finetuning_type"] == "lora" else "trained_parameters": targets,
         "global_steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "train_seconds": round(seconds, 2),

@@ -1,0 +1,223 @@
+"""Training methods and options (issue #4) on the tiny model, called as library functions:
+freeze and full tuning, LoRA variants, optimizer pass-through, TensorBoard, validation during
+training, QLoRA merge bases, byte-identical adapters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train_merge import tokenized, train_params  # noqa: F401 (module fixture)
+from tuneline import merge, train
+from tuneline.config import rule_params
+from tuneline.errors import TunelineError
+
+LOG = logging.getLogger("test")
+
+
+def run_train(tmp_path, tiny_model, tokenized, name="out", **overrides):  # noqa: F811
+    out = tmp_path / name
+    train.main({"tokenized": str(tokenized), "model": str(tiny_model)}, {"adapter": str(out)},
+               train_params(**{"quantization_bit": None, **overrides}), LOG)
+    return out
+
+
+def losses(out):
+    return [h["loss"] for h in json.loads((out / "loss_history.json").read_text()) if "loss" in h]
+
+
+def changed_tensors(tiny_model, out) -> set[str]:
+    before, after = load_file(tiny_model / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(before) == set(after)
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_freeze_trains_only_the_chosen_layers_and_modules(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    out = run_train(tmp_path, tiny_model, tokenized, finetuning_type="freeze", freeze_trainable_layers=1,
+                    freeze_trainable_modules="mlp", freeze_extra_modules="norm", max_steps=12)
+    assert sum(losses(out)[-3:]) / 3 < losses(out)[0] - 0.3
+    changed = changed_tensors(tiny_model, out)
+    assert changed == {"model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
+                       "model.layers.1.mlp.down_proj.weight", "model.norm.weight"}
+    assert not (out / "adapter_config.json").exists()
+    # merge passes a full model through, loadable, with tokenizer and template
+    merged = tmp_path / "merged"
+    merge.main({"adapter": str(out), "model": str(tiny_model)}, {"model": str(merged)}, rule_params({}, "merge"), LOG)
+    assert json.loads((merged / "merge_report.json").read_text())["merged"] is False
+    assert changed_tensors(tiny_model, merged) == changed
+    assert (merged / "tokenizer.json").is_file() and (merged / "template.json").is_file()
+
+
+def test_freeze_first_layers_and_bad_names(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    out = run_train(tmp_path, tiny_model, tokenized, finetuning_type="freeze", freeze_trainable_layers=-1,
+                    max_steps=2)
+    assert {k.split(".")[2] for k in changed_tensors(tiny_model, out)} == {"0"}  # only layer 0, every module
+    with pytest.raises(TunelineError, match="freeze_trainable_modules: mpl names no module.*mlp"):
+        run_train(tmp_path, tiny_model, tokenized, "bad", finetuning_type="freeze", freeze_trainable_modules="mpl")
+    with pytest.raises(TunelineError, match="freeze_trainable_layers: 5 - this model has 2 layers"):
+        run_train(tmp_path, tiny_model, tokenized, "bad", finetuning_type="freeze", freeze_trainable_layers=5)
+
+
+def test_full_tuning_changes_every_weight_and_refuses_a_quantized_base(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    out = run_train(tmp_path, tiny_model, tokenized, finetuning_type="full", max_steps=8, learning_rate=1e-3)
+    assert losses(out)[-1] < losses(out)[0]
+    assert changed_tensors(tiny_model, out) == set(load_file(tiny_model / "model.safetensors"))
+    with pytest.raises(TunelineError, match="finetuning_type full .* set quantization_bit: null"):
+        run_train(tmp_path, tiny_model, tokenized, "q", finetuning_type="full", quantization_bit=4)
+
+
+def test_lora_variants_reach_the_adapter(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    out = run_train(tmp_path, tiny_model, tokenized, use_dora=True, use_rslora=True, additional_target="embed_tokens",
+                    lora_target="q_proj,v_proj", max_steps=6)
+    assert losses(out)[-1] < losses(out)[0]
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["use_dora"] and cfg["use_rslora"] and cfg["modules_to_save"] == ["embed_tokens"]
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any("lora_magnitude_vector" in k for k in weights)  # DoRA's magnitudes
+    embed = [k for k in weights if "embed_tokens" in k]
+    assert embed and not torch.equal(weights[embed[0]], load_file(tiny_model / "model.safetensors")["model.embed_tokens.weight"])
+
+
+def test_loraplus_gives_the_b_matrices_a_larger_learning_rate(tmp_path, tiny_model):
+    from transformers import TrainingArguments
+
+    params = train_params(quantization_bit=None, loraplus_lr_ratio=16.0, learning_rate=1e-3, optim="sgd")
+    model, _, _ = train.build_model(str(tiny_model), params, torch.float32, LOG)
+    args = TrainingArguments(output_dir=str(tmp_path), optim="sgd", learning_rate=1e-3, use_cpu=True, report_to=[])
+    optimizer = train.loraplus_optimizer(model, args, params)
+    assert isinstance(optimizer, torch.optim.SGD)  # the optimizer `optim` names
+    lrs = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            lrs[names[id(p)]] = group["lr"]
+    assert {lr for n, lr in lrs.items() if "lora_A" in n} == {1e-3}
+    assert {lr for n, lr in lrs.items() if "lora_B" in n} == {pytest.approx(1.6e-2)}
+
+
+def test_optim_eval_during_training_and_tensorboard(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    out = run_train(tmp_path, tiny_model, tokenized, optim="adafactor", eval_strategy="steps", eval_steps=3,
+                    report_to="tensorboard", max_steps=6)
+    history = json.loads((out / "loss_history.json").read_text())
+    assert [h["step"] for h in history if "eval_loss" in h] == [3, 6]
+    events = list((out / "runs").rglob("events.out.tfevents.*"))
+    assert events and b"train/loss" in events[0].read_bytes() and b"eval/loss" in events[0].read_bytes()
+    args = train.training_arguments(train_params(optim="adafactor"), tmp_path, torch.float32)
+    assert args.optim == "adafactor"
+
+
+def test_eval_strategy_without_a_validation_split_is_an_error(tmp_path, tiny_model, monkeypatch):
+    from conftest import REPO
+    from tuneline import prepare_data, tokenize
+    from tuneline.registry import selected_entries
+
+    monkeypatch.chdir(tmp_path)
+    params = rule_params({"dataset_dir": str(REPO / "resources"), "max_samples": 8, "val_size": 0}, "prepare_data")
+    params["entries"] = selected_entries(params["dataset_dir"], params["dataset"])
+    prepare_data.main({}, {"data": str(tmp_path / "data")}, params, LOG)
+    tokenize.main({"data": str(tmp_path / "data"), "model": str(tiny_model)}, {"tokenized": str(tmp_path / "tok")},
+                  rule_params({"cutoff_len": 64}, "tokenize"), LOG)
+    with pytest.raises(TunelineError, match="eval_strategy steps needs a validation split: set val_size"):
+        run_train(tmp_path, tiny_model, tmp_path / "tok", eval_strategy="steps")
+
+
+def test_qlora_merge_into_the_dequantized_base_reproduces_the_trained_model(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    out = run_train(tmp_path, tiny_model, tokenized, quantization_bit=4, max_steps=8)
+    reports = {}
+    for base in ("dequantized", "original"):
+        merged = tmp_path / f"merged-{base}"
+        merge.main({"adapter": str(out), "model": str(tiny_model)}, {"model": str(merged)},
+                   rule_params({"merge_base": base}, "merge"), LOG)
+        reports[base] = json.loads((merged / "merge_report.json").read_text())
+        assert reports[base]["merge_base"] == base and reports[base]["merge_error"]["max_abs_logit_diff"] < 1e-4
+    diffs = reports["dequantized"]["trained_vs_merged"]
+    assert diffs == reports["original"]["trained_vs_merged"]  # both recorded either way
+    assert diffs["dequantized"]["max_abs_logit_diff"] < 1e-3 and diffs["dequantized"]["top1_agreement"] == 1.0
+    assert diffs["original"]["max_abs_logit_diff"] > 100 * diffs["dequantized"]["max_abs_logit_diff"]
+    a = load_file(tmp_path / "merged-dequantized" / "model.safetensors")
+    b = load_file(tmp_path / "merged-original" / "model.safetensors")
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], b["model.layers.0.self_attn.q_proj.weight"])
+
+
+def folder_digest(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.name not in ("train_report.json", "loss_history.json")}  # those two hold timings
+
+
+def test_two_clean_runs_write_byte_identical_adapters(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    # separate interpreters: PEFT's target_modules set order changes with the hash seed
+    code = ("import logging, sys; from tuneline import train; from test_train_merge import train_params; "
+            "train.main({'tokenized': sys.argv[1], 'model': sys.argv[2]}, {'adapter': sys.argv[3]}, "
+            "train_params(quantization_bit=None, max_steps=4), logging.getLogger('t'))")
+    from conftest import REPO
+
+    for i, seed in enumerate(("1", "2")):
+        env = {"PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO / "tests"), "PATH": "/usr/bin:/bin"}
+        subprocess.run([sys.executable, "-c", code, str(tokenized), str(tiny_model), str(tmp_path / f"run{i}")],
+                       check=True, env=env, cwd=tmp_path, capture_output=True)
+    first, second = folder_digest(tmp_path / "run0"), folder_digest(tmp_path / "run1")
+    assert "adapter_model.safetensors" in first and "adapter_config.json" in first
+    assert first == second
+
+
+def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_model):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import REPO, SNAKEMAKE, make_workdir, snakemake
+
+    overrides = dict(max_steps=40, save_steps=5, logging_steps=1, per_device_train_batch_size=8)
+    straight = make_workdir(tmp_path / "straight", tiny_model, **overrides)
+    snakemake(straight, "results/adapter", check=True)
+
+    work = make_workdir(tmp_path / "killed", tiny_model, **overrides)
+    cmd = [SNAKEMAKE, "--configfile", str(work / "tuneline.yaml"), "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(work), "--cores", "2", "results/adapter"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not list((work / ".tuneline" / "checkpoints").glob("train-*/checkpoint-10")):
+        assert proc.poll() is None and time.time() < deadline, "training ended before its second checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # snakemake and the training job, mid-run
+    proc.wait()
+    assert not (work / "results" / "adapter").exists()
+
+    snakemake(work, "--unlock", check=True)  # a kill -9 leaves Snakemake's lock behind
+    snakemake(work, "results/adapter", check=True)
+    log = (work / "logs" / "train.log").read_text()
+    assert "resuming the interrupted run from" in log
+    report = json.loads((work / "results" / "adapter" / "train_report.json").read_text())
+    assert report["resumed_from"] in {"checkpoint-10", "checkpoint-15", "checkpoint-20", "checkpoint-25",
+                                      "checkpoint-30", "checkpoint-35"}
+    assert report["global_steps"] == 40
+    a = load_file(straight / "results" / "adapter" / "adapter_model.safetensors")
+    b = load_file(work / "results" / "adapter" / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((work / ".tuneline" / "checkpoints").iterdir())  # removed after success
+
+
+def test_a_checkpoint_of_another_config_is_never_resumed(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    params = train_params(quantization_bit=None, max_steps=4)
+    ckpt = train.checkpoint_dir(params, str(tokenized))
+    (ckpt / "checkpoint-2").mkdir(parents=True)
+    (ckpt / "train_key.json").write_text(json.dumps({"params": {**params, "learning_rate": 1.0}, "tokenized": "x"}))
+    out = run_train(tmp_path, tiny_model, tokenized, max_steps=4)
+    assert json.loads((out / "train_report.json").read_text())["resumed_from"] is None
