@@ -80,7 +80,7 @@ def test_lora_variants_reach_the_adapter(tmp_path, tiny_model, tokenized, monkey
                     lora_target="q_proj,v_proj", max_steps=6)
     assert losses(out)[-1] < losses(out)[0]
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["use_dora"] and cfg["use_rslora"] and cfg["modules_to_save"] == ["embed_tokens"]
+    assert cfg["use_dora"] and cfg["use_rslora"] and "embed_tokens" in cfg["modules_to_save"]
     weights = load_file(out / "adapter_model.safetensors")
     assert any("lora_magnitude_vector" in k for k in weights)  # DoRA's magnitudes
     embed = [k for k in weights if "embed_tokens" in k]
@@ -101,34 +101,39 @@ def test_loraplus_gives_the_b_matrices_a_larger_learning_rate(tmp_path, tiny_mod
         for p in group["params"]:
             lrs[names[id(p)]] = group["lr"]
     assert {lr for n, lr in lrs.items() if "lora_A" in n} == {1e-3}
-    assert {lr for n, lr in lrs.items() if "lora_B" in n} == {pytest.approx(1.6e-2)}
+    assert {round(lr, 9) for n, lr in lrs.items() if "lora_B" in n} == {1.6e-2}
 
 
-def test_optim_eval_during_training_and_tensorboard(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+def make_tokenized(root, tiny_model, **prepare):
+    from conftest import REPO
+    from tuneline import prepare_data, tokenize
+    from tuneline.registry import selected_entries
+
+    params = rule_params({"dataset_dir": str(REPO / "resources"), "max_samples": 24, **prepare}, "prepare_data")
+    params["entries"] = selected_entries(params["dataset_dir"], params["dataset"])
+    prepare_data.main({}, {"data": str(root / "data")}, params, LOG)
+    tokenize.main({"data": str(root / "data"), "model": str(tiny_model)}, {"tokenized": str(root / "tok")},
+                  rule_params({"cutoff_len": 64}, "tokenize"), LOG)
+    return root / "tok"
+
+
+def test_optim_eval_during_training_and_tensorboard(tmp_path, tiny_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = run_train(tmp_path, tiny_model, tokenized, optim="adafactor", eval_strategy="steps", eval_steps=3,
+    with_validation = make_tokenized(tmp_path, tiny_model, val_size=0.25)
+    out = run_train(tmp_path, tiny_model, with_validation, optim="adafactor", eval_strategy="steps", eval_steps=3,
                     report_to="tensorboard", max_steps=6)
     history = json.loads((out / "loss_history.json").read_text())
-    assert [h["step"] for h in history if "eval_loss" in h] == [3, 6]
+    assert sorted({h["step"] for h in history if "eval_loss" in h}) == [3, 6]  # and the final evaluation
     events = list((out / "runs").rglob("events.out.tfevents.*"))
     assert events and b"train/loss" in events[0].read_bytes() and b"eval/loss" in events[0].read_bytes()
     args = train.training_arguments(train_params(optim="adafactor"), tmp_path, torch.float32)
     assert args.optim == "adafactor"
 
 
-def test_eval_strategy_without_a_validation_split_is_an_error(tmp_path, tiny_model, monkeypatch):
-    from conftest import REPO
-    from tuneline import prepare_data, tokenize
-    from tuneline.registry import selected_entries
-
+def test_eval_strategy_without_a_validation_split_is_an_error(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
     monkeypatch.chdir(tmp_path)
-    params = rule_params({"dataset_dir": str(REPO / "resources"), "max_samples": 8, "val_size": 0}, "prepare_data")
-    params["entries"] = selected_entries(params["dataset_dir"], params["dataset"])
-    prepare_data.main({}, {"data": str(tmp_path / "data")}, params, LOG)
-    tokenize.main({"data": str(tmp_path / "data"), "model": str(tiny_model)}, {"tokenized": str(tmp_path / "tok")},
-                  rule_params({"cutoff_len": 64}, "tokenize"), LOG)
     with pytest.raises(TunelineError, match="eval_strategy steps needs a validation split: set val_size"):
-        run_train(tmp_path, tiny_model, tmp_path / "tok", eval_strategy="steps")
+        run_train(tmp_path, tiny_model, tokenized, eval_strategy="steps")
 
 
 def test_qlora_merge_into_the_dequantized_base_reproduces_the_trained_model(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811

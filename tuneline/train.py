@@ -119,7 +119,10 @@ def build_model(base: str, params: dict, dtype, log):
     lora = LoraConfig(r=params["lora_rank"], lora_alpha=params["lora_alpha"] or 2 * params["lora_rank"],
                       lora_dropout=params["lora_dropout"], target_modules=targets, task_type="CAUSAL_LM",
                       use_dora=params["use_dora"], use_rslora=params["use_rslora"],
-                      modules_to_save=_names(params["additional_target"]) or None)
+                      modules_to_save=_names(params["additional_target"]) or None,
+                      # a tied embedding trained in full must stay tied to the output layer
+                      ensure_weight_tying=bool(params["additional_target"]) and bool(
+                          getattr(model.config, "tie_word_embeddings", False)))
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
     variant = "".join([" DoRA" if params["use_dora"] else "", " rsLoRA" if params["use_rslora"] else "",
@@ -221,11 +224,12 @@ def plot_loss(history: list[dict], path: Path, title: str) -> None:
 
 
 def sort_target_modules(adapter_dir: Path) -> None:
-    """PEFT writes target_modules from a set (hash-randomised order): make the file reproducible."""
+    """PEFT writes target_modules (and modules_to_save) from sets, in hash-randomised order: sort them."""
     path = adapter_dir / "adapter_config.json"
     cfg = json.loads(path.read_text())
-    if isinstance(cfg.get("target_modules"), list):
-        cfg["target_modules"] = sorted(cfg["target_modules"])
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -336,6 +340,9 @@ def train(inputs, outputs, params, log, threads=1):
     seconds = time.perf_counter() - start
     metrics = dict(result.metrics)
     if len(eval_ds):
+        from transformers.integrations import TensorBoardCallback
+
+        trainer.remove_callback(TensorBoardCallback)  # it closed its file at the end of training
         metrics.update(trainer.evaluate(eval_dataset=eval_ds))
         log.info("validation loss %.4f", metrics["eval_loss"])
     if not trainer.is_world_process_zero():
