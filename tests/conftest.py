@@ -120,3 +120,34 @@ def planned_jobs(workdir: Path, *args: str) -> set[str]:
             break
         jobs.add(m.group(1))
     return jobs - {"all"}
+
+
+# ---------------------------------------------------------------- stage-level helpers (no Snakemake)
+
+def make_tokenized(root: Path, model: Path, cutoff_len: int = 128, **prepare) -> Path:
+    """prepare_data + tokenize on 24 identity examples (root/data, root/tok), called as functions."""
+    import logging
+
+    from tuneline import prepare_data, tokenize
+    from tuneline.config import rule_params
+    from tuneline.registry import selected_entries
+
+    log = logging.getLogger("test")
+    params = rule_params({"dataset_dir": str(REPO / "resources"), "max_samples": 24, **prepare}, "prepare_data")
+    params["entries"] = selected_entries(params["dataset_dir"], params["dataset"])
+    prepare_data.main({}, {"data": str(root / "data")}, params, log)
+    tokenize.main({"data": str(root / "data"), "model": str(model)}, {"tokenized": str(root / "tok")},
+                  rule_params({"cutoff_len": cutoff_len}, "tokenize"), log)
+    return root / "tok"
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory, tiny_model):
+    return make_tokenized(tmp_path_factory.mktemp("stages"), tiny_model)
+
+
+def train_params(**overrides):
+    from tuneline.config import rule_params
+
+    base = dict(max_steps=20, learning_rate=3e-2, per_device_train_batch_size=8, logging_steps=1, lora_rank=8)
+    return rule_params({**base, **overrides}, "train")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_merge import tokenized, train_params  # noqa: F401 (module fixture)
+from conftest import make_tokenized, train_params
 from tuneline import merge, train
 from tuneline.config import rule_params
 from tuneline.errors import TunelineError
@@ -20,7 +20,7 @@ from tuneline.errors import TunelineError
 LOG = logging.getLogger("test")
 
 
-def run_train(tmp_path, tiny_model, tokenized, name="out", **overrides):  # noqa: F811
+def run_train(tmp_path, tiny_model, tokenized, name="out", **overrides):
     out = tmp_path / name
     train.main({"tokenized": str(tokenized), "model": str(tiny_model)}, {"adapter": str(out)},
                train_params(**{"quantization_bit": None, **overrides}), LOG)
@@ -37,7 +37,7 @@ def changed_tensors(tiny_model, out) -> set[str]:
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-def test_freeze_trains_only_the_chosen_layers_and_modules(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+def test_freeze_trains_only_the_chosen_layers_and_modules(tmp_path, tiny_model, tokenized, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = run_train(tmp_path, tiny_model, tokenized, finetuning_type="freeze", freeze_trainable_layers=1,
                     freeze_trainable_modules="mlp", freeze_extra_modules="norm", max_steps=12)
@@ -54,7 +54,7 @@ def test_freeze_trains_only_the_chosen_layers_and_modules(tmp_path, tiny_model, 
     assert (merged / "tokenizer.json").is_file() and (merged / "template.json").is_file()
 
 
-def test_freeze_first_layers_and_bad_names(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+def test_freeze_first_layers_and_bad_names(tmp_path, tiny_model, tokenized, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = run_train(tmp_path, tiny_model, tokenized, finetuning_type="freeze", freeze_trainable_layers=-1,
                     max_steps=2)
@@ -65,7 +65,7 @@ def test_freeze_first_layers_and_bad_names(tmp_path, tiny_model, tokenized, monk
         run_train(tmp_path, tiny_model, tokenized, "bad", finetuning_type="freeze", freeze_trainable_layers=5)
 
 
-def test_full_tuning_changes_every_weight_and_refuses_a_quantized_base(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+def test_full_tuning_changes_every_weight_and_refuses_a_quantized_base(tmp_path, tiny_model, tokenized, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = run_train(tmp_path, tiny_model, tokenized, finetuning_type="full", max_steps=8, learning_rate=1e-3)
     assert losses(out)[-1] < losses(out)[0]
@@ -74,7 +74,7 @@ def test_full_tuning_changes_every_weight_and_refuses_a_quantized_base(tmp_path,
         run_train(tmp_path, tiny_model, tokenized, "q", finetuning_type="full", quantization_bit=4)
 
 
-def test_lora_variants_reach_the_adapter(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+def test_lora_variants_reach_the_adapter(tmp_path, tiny_model, tokenized, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = run_train(tmp_path, tiny_model, tokenized, use_dora=True, use_rslora=True, additional_target="embed_tokens",
                     lora_target="q_proj,v_proj", max_steps=6)
@@ -104,22 +104,9 @@ def test_loraplus_gives_the_b_matrices_a_larger_learning_rate(tmp_path, tiny_mod
     assert {round(lr, 9) for n, lr in lrs.items() if "lora_B" in n} == {1.6e-2}
 
 
-def make_tokenized(root, tiny_model, **prepare):
-    from conftest import REPO
-    from tuneline import prepare_data, tokenize
-    from tuneline.registry import selected_entries
-
-    params = rule_params({"dataset_dir": str(REPO / "resources"), "max_samples": 24, **prepare}, "prepare_data")
-    params["entries"] = selected_entries(params["dataset_dir"], params["dataset"])
-    prepare_data.main({}, {"data": str(root / "data")}, params, LOG)
-    tokenize.main({"data": str(root / "data"), "model": str(tiny_model)}, {"tokenized": str(root / "tok")},
-                  rule_params({"cutoff_len": 64}, "tokenize"), LOG)
-    return root / "tok"
-
-
 def test_optim_eval_during_training_and_tensorboard(tmp_path, tiny_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with_validation = make_tokenized(tmp_path, tiny_model, val_size=0.25)
+    with_validation = make_tokenized(tmp_path, tiny_model, cutoff_len=64, val_size=0.25)
     out = run_train(tmp_path, tiny_model, with_validation, optim="adafactor", eval_strategy="steps", eval_steps=3,
                     report_to="tensorboard", max_steps=6)
     history = json.loads((out / "loss_history.json").read_text())
@@ -130,13 +117,13 @@ def test_optim_eval_during_training_and_tensorboard(tmp_path, tiny_model, monkey
     assert args.optim == "adafactor"
 
 
-def test_eval_strategy_without_a_validation_split_is_an_error(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+def test_eval_strategy_without_a_validation_split_is_an_error(tmp_path, tiny_model, tokenized, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TunelineError, match="eval_strategy steps needs a validation split: set val_size"):
         run_train(tmp_path, tiny_model, tokenized, eval_strategy="steps")
 
 
-def test_qlora_merge_into_the_dequantized_base_reproduces_the_trained_model(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+def test_qlora_merge_into_the_dequantized_base_reproduces_the_trained_model(tmp_path, tiny_model, tokenized, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = run_train(tmp_path, tiny_model, tokenized, quantization_bit=4, max_steps=8)
     reports = {}
@@ -160,13 +147,13 @@ def folder_digest(folder) -> dict[str, str]:
             if p.name not in ("train_report.json", "loss_history.json")}  # those two hold timings
 
 
-def test_two_clean_runs_write_byte_identical_adapters(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+def test_two_clean_runs_write_byte_identical_adapters(tmp_path, tiny_model, tokenized, monkeypatch):
     import subprocess
     import sys
 
     monkeypatch.chdir(tmp_path)
     # separate interpreters: PEFT's target_modules set order changes with the hash seed
-    code = ("import logging, sys; from tuneline import train; from test_train_merge import train_params; "
+    code = ("import logging, sys; from tuneline import train; from conftest import train_params; "
             "train.main({'tokenized': sys.argv[1], 'model': sys.argv[2]}, {'adapter': sys.argv[3]}, "
             "train_params(quantization_bit=None, max_steps=4), logging.getLogger('t'))")
     from conftest import REPO
@@ -218,7 +205,7 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterru
     assert not list((work / ".tuneline" / "checkpoints").iterdir())  # removed after success
 
 
-def test_a_checkpoint_of_another_config_is_never_resumed(tmp_path, tiny_model, tokenized, monkeypatch):  # noqa: F811
+def test_a_checkpoint_of_another_config_is_never_resumed(tmp_path, tiny_model, tokenized, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = train_params(quantization_bit=None, max_steps=4)
     ckpt = train.checkpoint_dir(params, str(tokenized))

@@ -8,29 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
-from tuneline import merge, prepare_data, tokenize, train
+from conftest import train_params
+from tuneline import merge, train
 from tuneline.config import rule_params
 from tuneline.errors import TunelineError
-from tuneline.registry import selected_entries
 
 LOG = logging.getLogger("test")
-
-
-@pytest.fixture(scope="module")
-def tokenized(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("stages")
-    params = rule_params({"dataset_dir": str(REPO / "resources"), "max_samples": 24}, "prepare_data")
-    params["entries"] = selected_entries(params["dataset_dir"], params["dataset"])
-    prepare_data.main({}, {"data": str(root / "data")}, params, LOG)
-    tokenize.main({"data": str(root / "data"), "model": str(tiny_model)}, {"tokenized": str(root / "tok")},
-                  rule_params({"cutoff_len": 128}, "tokenize"), LOG)
-    return root / "tok"
-
-
-def train_params(**overrides):
-    base = dict(max_steps=20, learning_rate=3e-2, per_device_train_batch_size=8, logging_steps=1, lora_rank=8)
-    return rule_params({**base, **overrides}, "train")
 
 
 @pytest.mark.parametrize("bits", [None, 4])
