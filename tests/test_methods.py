@@ -213,3 +213,26 @@ def test_a_checkpoint_of_another_config_is_never_resumed(tmp_path, tiny_model, t
     (ckpt / "train_key.json").write_text(json.dumps({"params": {**params, "learning_rate": 1.0}, "tokenized": "x"}))
     out = run_train(tmp_path, tiny_model, tokenized, max_steps=4)
     assert json.loads((out / "train_report.json").read_text())["resumed_from"] is None
+
+
+def test_packed_batch_has_the_unpacked_loss(tiny_model, tokenized, tokenizer):
+    """One row with restarting position ids: the same loss as the padded batch, to fp32 rounding,
+    and without padding; attention crossing examples would change it by far more."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model.config.use_cache = False  # as train sets it: with a cache, packed position ids are ignored
+    rows = datasets.load_from_disk(str(tokenized / "train")).select(range(6))
+    features = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows]
+    padded = train.make_collator(tokenizer, packing=False)(features)
+    packed = train.make_collator(tokenizer, packing=True)(features)
+    assert packed["input_ids"].shape[0] == 1 and packed["input_ids"].shape[1] == sum(len(f["input_ids"]) for f in features)
+    assert padded["input_ids"].numel() > packed["input_ids"].numel()  # the padding that packing removes
+    with torch.no_grad():
+        loss_padded = model(**padded).loss.item()
+        loss_packed = model(**{k: v for k, v in packed.items()}).loss.item()
+        # the same row without position ids: one long sequence, attention across examples
+        leaky = model(input_ids=packed["input_ids"], labels=packed["labels"]).loss.item()
+    assert abs(loss_packed - loss_padded) < 1e-5, (loss_packed, loss_padded)
+    assert abs(leaky - loss_padded) > 1e-3

@@ -281,6 +281,17 @@ def main(inputs, outputs, params, log, threads=1, launch=None):
     return train(inputs, outputs, params, log, threads)
 
 
+def make_collator(tokenizer, packing: bool):
+    """Packing: the batch as one row, position ids restarting per example (the models build a
+    block-diagonal attention mask from them) and the first label of each example masked, so no
+    example predicts from another. Otherwise: padded to the longest example of the batch."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+
 def resumable_checkpoint(ckpt: Path, key: dict, log) -> str | None:
     """The newest checkpoint of an interrupted run of exactly this config and data, if any.
     The folder name is a hash of both; train_key.json inside is checked too, never trusted blindly."""
@@ -299,7 +310,7 @@ def resumable_checkpoint(ckpt: Path, key: dict, log) -> str | None:
 def train(inputs, outputs, params, log, threads=1):
     import datasets
     import torch
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers import AutoTokenizer, Trainer, set_seed
 
     set_threads(threads)
     set_seed(params["seed"])
@@ -314,6 +325,8 @@ def train(inputs, outputs, params, log, threads=1):
         raise TunelineError(f"eval_strategy {params['eval_strategy']} needs a validation split: set val_size "
                             "(e.g. 0.1) so that prepare_data holds examples out.")
     model, quant, targets = build_model(inputs["model"], params, dtype, log)
+    # no KV cache in training: with one, the models ignore packed position ids and attend across examples
+    model.config.use_cache = False
 
     ckpt = checkpoint_dir(params, inputs["tokenized"])
     key = {"params": params, "tokenized": sha256_path(inputs["tokenized"])}
@@ -327,7 +340,7 @@ def train(inputs, outputs, params, log, threads=1):
     if params["report_to"] == "tensorboard":  # events beside the checkpoints; copied to the output at the end
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(ckpt / "runs")
     args = training_arguments(params, ckpt, dtype)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    collator = make_collator(tokenizer, params["packing"])
     optimizers = (None, None)
     if params["loraplus_lr_ratio"]:
         if params["finetuning_type"] != "lora":
@@ -350,6 +363,7 @@ def train(inputs, outputs, params, log, threads=1):
 
     out = Path(outputs["adapter"])
     out.mkdir(parents=True, exist_ok=True)
+    model.config.use_cache = True  # for inference with what is saved
     model.save_pretrained(out)
     if params["finetuning_type"] == "lora":
         sort_target_modules(out)

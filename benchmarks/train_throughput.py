@@ -1,0 +1,162 @@
+"""Training throughput: Tuneline's `train` (its defaults) against a plain HF Trainer + PEFT baseline.
+
+Both train the same model on the same tokenized data with the same hyper-parameters, seed and
+sample order (QLoRA nf4 as Tuneline's default, LoRA r=8 on every linear layer, batch 8,
+cutoff_len 256); the baseline pads each batch to its longest example, as the Trainer's usual
+collator does. Each run is a subprocess of its own (clean peak memory). Prints a table: real
+(non-padding) tokens per second, peak RSS, final loss, and the speed-up.
+
+    python benchmarks/train_throughput.py [--model results/base_model] [--steps 12]
+        [--datasets identity,alpaca_en_demo] [--quantization-bit 4|none]
+
+The model is a Hugging Face folder (default results/base_model: run `snakemake --cores 2
+results/base_model` first for SmolLM2-135M). identity comes from resources/, alpaca_en_demo from
+LLaMA-Factory's demo data in ../shared/lf-data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIRS = {"identity": REPO / "resources", "alpaca_en_demo": REPO.parent / "shared" / "lf-data"}
+LOG = logging.getLogger("bench")
+
+
+def common_params(args) -> dict:
+    return {"max_steps": args.steps, "per_device_train_batch_size": args.batch, "learning_rate": 1e-3,
+            "lora_rank": 8, "lora_target": "all", "logging_steps": 1, "seed": 42, "warmup_ratio": 0.0,
+            "quantization_bit": None if args.quantization_bit == "none" else int(args.quantization_bit)}
+
+
+def tokenize_dataset(name: str, model: str, root: Path, cutoff_len: int) -> Path:
+    from tuneline import prepare_data, tokenize
+    from tuneline.config import rule_params
+    from tuneline.registry import selected_entries
+
+    params = rule_params({"dataset": name, "dataset_dir": str(DATA_DIRS[name]), "val_size": 0.0}, "prepare_data")
+    params["entries"] = selected_entries(params["dataset_dir"], name)
+    prepare_data.main({}, {"data": str(root / "data")}, params, LOG)
+    tokenize.main({"data": str(root / "data"), "model": model}, {"tokenized": str(root / "tok")},
+                  rule_params({"cutoff_len": cutoff_len}, "tokenize"), LOG)
+    return root / "tok"
+
+
+def run_baseline(model_dir: str, tokenized: Path, params: dict, out: Path) -> dict:
+    """The Trainer and PEFT as their documentation shows them: padded batches, no packing."""
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
+                              Trainer, TrainingArguments, set_seed)
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    set_seed(params["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    kwargs = {}
+    if params["quantization_bit"]:
+        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                            bnb_4bit_use_double_quant=True,
+                                                            bnb_4bit_compute_dtype=torch.float32),
+                  "device_map": {"": "cpu"}}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    if params["quantization_bit"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=params["lora_rank"], lora_alpha=2 * params["lora_rank"],
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    train_ds = datasets.load_from_disk(str(tokenized / "train"))
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=params["per_device_train_batch_size"],
+                             learning_rate=params["learning_rate"], max_steps=params["max_steps"],
+                             lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", seed=params["seed"],
+                             data_seed=params["seed"], use_cpu=True, report_to=[], disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    real_tokens = sum(len(x) for x in train_ds["input_ids"]) * trainer.state.epoch
+    return {"seconds": seconds, "real_tokens": real_tokens, "train_loss": result.metrics["train_loss"]}
+
+
+def run_tuneline(model_dir: str, tokenized: Path, params: dict, out: Path) -> dict:
+    """Tuneline's train stage with its defaults and the shared hyper-parameters."""
+    import datasets
+
+    from tuneline import train
+    from tuneline.config import rule_params
+
+    os.chdir(out)  # checkpoints go to ./.tuneline
+    train.main({"tokenized": str(tokenized), "model": model_dir}, {"adapter": str(out / "adapter")},
+               rule_params({**params, "lr_scheduler_type": "cosine"}, "train"), LOG, threads=os.cpu_count() or 1)
+    report = json.loads((out / "adapter" / "train_report.json").read_text())
+    train_ds = datasets.load_from_disk(str(tokenized / "train"))
+    real_tokens = sum(len(x) for x in train_ds["input_ids"]) * report["epochs"]
+    return {"seconds": report["train_seconds"], "real_tokens": real_tokens,
+            "train_loss": report["metrics"]["train_loss"]}
+
+
+def worker(variant: str, model_dir: str, tokenized: str, params_json: str) -> None:
+    params = json.loads(params_json)
+    with tempfile.TemporaryDirectory() as tmp:
+        fn = run_baseline if variant == "baseline" else run_tuneline
+        result = fn(model_dir, Path(tokenized), params, Path(tmp))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def measure(variant: str, model_dir: str, tokenized: Path, params: dict) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, model_dir, str(tokenized), json.dumps(params)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(f"{variant} failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(line[len("RESULT "):])
+    result["tokens_per_second"] = result["real_tokens"] / result["seconds"]
+    return result
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:6])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="results/base_model")
+    parser.add_argument("--datasets", default="identity,alpaca_en_demo")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--cutoff-len", type=int, default=256)
+    parser.add_argument("--quantization-bit", default="4", choices=["4", "8", "none"])
+    args = parser.parse_args()
+    model_dir = str(Path(args.model).resolve())
+    if not (Path(model_dir) / "config.json").is_file():
+        sys.exit(f"{args.model} is not a Hugging Face model folder (run `snakemake --cores 2 results/base_model`).")
+    params = common_params(args)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.datasets.split(","):
+            tokenized = tokenize_dataset(name, model_dir, Path(tmp) / name, args.cutoff_len)
+            base = measure("baseline", model_dir, tokenized, params)
+            ours = measure("tuneline", model_dir, tokenized, params)
+            rows.append((name, base, ours))
+    print(f"\n{args.steps} steps x batch {args.batch}, cutoff_len {args.cutoff_len}, "
+          f"quantization_bit {args.quantization_bit}, {os.cpu_count()} CPU threads, model {args.model}\n")
+    print(f"| dataset | run | real tokens/s | peak RSS MB | train loss | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for name, base, ours in rows:
+        for label, r in (("HF Trainer + PEFT (padded)", base), ("Tuneline train (defaults)", ours)):
+            speed = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x"
+            print(f"| {name} | {label} | {r['tokens_per_second']:.0f} | {r['peak_rss_mb']:.0f} | "
+                  f"{r['train_loss']:.4f} | {speed} |")
+
+
+if __name__ == "__main__":
+    main()
