@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import yaml
 
 from conftest import make_workdir, snakemake
@@ -132,12 +133,20 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, tiny_m
     assert not list((two / ".tuneline" / "checkpoints").glob("*.job.json"))
 
 
-def test_a_failing_process_fails_the_rule(tmp_path, tiny_model):
-    work = make_workdir(tmp_path, tiny_model, nproc_per_node=2, deepspeed=str(tmp_path / "missing.json"))
-    proc = snakemake(work, "results/adapter")
-    assert proc.returncode != 0
-    assert "torchrun exited with" in (work / "logs" / "train.log").read_text()
-    assert not (work / "results" / "adapter").exists()
+def test_a_failing_process_fails_the_rule(tmp_path, tiny_model, tokenized, monkeypatch):
+    """torchrun's processes die (a DeepSpeed config that is not there): the stage raises, writes nothing."""
+    import logging
+
+    from conftest import train_params
+    from tuneline import train
+    from tuneline.errors import TunelineError
+
+    monkeypatch.chdir(tmp_path)
+    log = logging.getLogger("test")
+    with pytest.raises(TunelineError, match="torchrun exited with"):
+        train.main({"tokenized": str(tokenized), "model": str(tiny_model)}, {"adapter": str(tmp_path / "adapter")},
+                   train_params(nproc_per_node=2, deepspeed=str(tmp_path / "missing.json")), log, threads=2)
+    assert not (tmp_path / "adapter").exists()
 
 
 # ---------------------------------------------------------------- reproducible benchmark reruns
