@@ -208,7 +208,7 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterru
 def test_a_checkpoint_of_another_config_is_never_resumed(tmp_path, tiny_model, tokenized, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = train_params(quantization_bit=None, max_steps=4)
-    ckpt = train.checkpoint_dir(params, str(tokenized))
+    ckpt = train.checkpoint_dir(train.train_key(params, str(tokenized)))
     (ckpt / "checkpoint-2").mkdir(parents=True)
     (ckpt / "train_key.json").write_text(json.dumps({"params": {**params, "learning_rate": 1.0}, "tokenized": "x"}))
     out = run_train(tmp_path, tiny_model, tokenized, max_steps=4)

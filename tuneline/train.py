@@ -29,9 +29,14 @@ from .provenance import sha256_path
 CHECKPOINT_ROOT = Path(".tuneline") / "checkpoints"
 
 
-def checkpoint_dir(params: dict, tokenized: str) -> Path:
-    key = hashlib.sha256((json.dumps(params, sort_keys=True) + sha256_path(tokenized)).encode()).hexdigest()[:16]
-    return CHECKPOINT_ROOT / f"train-{key}"
+def train_key(params: dict, tokenized: str) -> dict:
+    """What a checkpoint belongs to: the train config slice and the tokenized data's digest."""
+    return {"params": params, "tokenized": sha256_path(tokenized)}
+
+
+def checkpoint_dir(key: dict) -> Path:
+    digest = hashlib.sha256((json.dumps(key["params"], sort_keys=True) + key["tokenized"]).encode()).hexdigest()
+    return CHECKPOINT_ROOT / f"train-{digest[:16]}"
 
 
 def _names(value: str | None) -> list[str]:
@@ -253,7 +258,7 @@ def torchrun_command(params: dict, launch: dict, job_file: Path) -> list[str]:
 
 def launch_distributed(inputs, outputs, params, log, threads, launch):
     """Run this job in nproc_per_node processes through torchrun and wait for them."""
-    ckpt = checkpoint_dir(params, inputs["tokenized"])
+    ckpt = checkpoint_dir(train_key(params, inputs["tokenized"]))
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     job_file = ckpt.parent / f"{ckpt.name}.job.json"
     per_process = max(1, threads // params["nproc_per_node"])
@@ -328,8 +333,8 @@ def train(inputs, outputs, params, log, threads=1):
     # no KV cache in training: with one, the models ignore packed position ids and attend across examples
     model.config.use_cache = False
 
-    ckpt = checkpoint_dir(params, inputs["tokenized"])
-    key = {"params": params, "tokenized": sha256_path(inputs["tokenized"])}
+    key = train_key(params, inputs["tokenized"])  # hashes the tokenized data once
+    ckpt = checkpoint_dir(key)
     resume = resumable_checkpoint(ckpt, key, log)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
