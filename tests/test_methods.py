@@ -184,7 +184,7 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterru
            "--directory", str(work), "--cores", "2", "results/adapter"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while not list((work / ".tuneline" / "checkpoints").glob("train-*/checkpoint-10")):
+    while not list((work / ".tuneline" / "checkpoints").glob("train-*/checkpoint-10/trainer_state.json")):
         assert proc.poll() is None and time.time() < deadline, "training ended before its second checkpoint"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # snakemake and the training job, mid-run
@@ -203,6 +203,17 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterru
     b = load_file(work / "results" / "adapter" / "adapter_model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert not list((work / ".tuneline" / "checkpoints").iterdir())  # removed after success
+
+
+def test_a_checkpoint_cut_off_mid_save_is_skipped(tmp_path):
+    key = {"params": {"lr": 1}, "tokenized": "x"}
+    ckpt = tmp_path / "train-k"
+    for step, complete in ((5, True), (10, True), (15, False)):
+        (ckpt / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (ckpt / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (ckpt / "train_key.json").write_text(json.dumps(key))
+    assert train.resumable_checkpoint(ckpt, key, LOG) == str(ckpt / "checkpoint-10")
 
 
 def test_a_checkpoint_of_another_config_is_never_resumed(tmp_path, tiny_model, tokenized, monkeypatch):

@@ -298,10 +298,9 @@ def make_collator(tokenizer, packing: bool):
 
 
 def resumable_checkpoint(ckpt: Path, key: dict, log) -> str | None:
-    """The newest checkpoint of an interrupted run of exactly this config and data, if any.
-    The folder name is a hash of both; train_key.json inside is checked too, never trusted blindly."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest complete checkpoint of an interrupted run of exactly this config and data, if any.
+    The folder name is a hash of both; train_key.json inside is checked too, never trusted blindly.
+    The Trainer writes trainer_state.json last: a checkpoint without it was cut off mid-save."""
     if not ckpt.is_dir():
         return None
     stored = ckpt / "train_key.json"
@@ -309,7 +308,14 @@ def resumable_checkpoint(ckpt: Path, key: dict, log) -> str | None:
         log.warning("%s holds checkpoints of another config or data: removing them, starting fresh", ckpt)
         shutil.rmtree(ckpt, ignore_errors=True)
         return None
-    return get_last_checkpoint(str(ckpt))
+    by_step = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    for candidate in by_step:
+        try:
+            json.loads((candidate / "trainer_state.json").read_text())
+            return str(candidate)
+        except (OSError, ValueError):
+            log.warning("%s was cut off while being saved: skipping it", candidate)
+    return None
 
 
 def train(inputs, outputs, params, log, threads=1):
