@@ -137,7 +137,7 @@ def make_tokenized(root: Path, model: Path, cutoff_len: int = 128, **prepare) ->
     params["entries"] = selected_entries(params["dataset_dir"], params["dataset"])
     prepare_data.main({}, {"data": str(root / "data")}, params, log)
     tokenize.main({"data": str(root / "data"), "model": str(model)}, {"tokenized": str(root / "tok")},
-                  rule_params({"cutoff_len": cutoff_len}, "tokenize"), log)
+                  rule_params({"cutoff_len": cutoff_len, "stage": prepare.get("stage", "sft")}, "tokenize"), log)
     return root / "tok"
 
 

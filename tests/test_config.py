@@ -36,7 +36,7 @@ def test_rule_params_are_exactly_the_keys_that_name_the_rule():
     assert params["lora_rank"] == 16 and params["seed"] == 42
     assert "cutoff_len" not in params and "dataset" not in params
     assert set(c.rule_params({}, "tokenize")) == {"template", "cutoff_len", "train_on_prompt", "mask_history",
-                                                  "default_system"}
+                                                  "default_system", "stage"}
 
 
 def test_every_key_is_fully_described_and_read_by_real_rules():

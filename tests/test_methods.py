@@ -247,3 +247,12 @@ def test_packed_batch_has_the_unpacked_loss(tiny_model, tokenized, tokenizer):
         leaky = model(input_ids=packed["input_ids"], labels=packed["labels"]).loss.item()
     assert abs(loss_packed - loss_padded) < 1e-5, (loss_packed, loss_padded)
     assert abs(leaky - loss_padded) > 1e-3
+    # given the model, the collators keep logits only where a label is: same loss, fewer logits
+    for packing, full_loss in ((True, loss_packed), (False, loss_padded)):
+        batch = train.make_collator(tokenizer, packing=packing, model=model)(features)
+        labelled = int((batch["labels"][:, 1:] != -100).any(0).sum())
+        assert batch["logits_to_keep"].numel() == labelled < batch["input_ids"].shape[1] // 2
+        with torch.no_grad():
+            out = model(**batch)
+        assert out.logits.shape[1] == labelled
+        assert abs(out.loss.item() - full_loss) < 1e-5, (packing, out.loss.item(), full_loss)

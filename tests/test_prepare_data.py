@@ -25,7 +25,7 @@ def run(tmp_path, registry, files, dataset, **params):
             path.write_text(content if isinstance(content, str) else json.dumps(content, ensure_ascii=False))
     out = tmp_path / "out"
     cfg = dict(dataset_dir=str(data), max_samples=None, val_size=0.0, seed=42, identity_name="Tuna",
-               identity_author="Tuneline", entries=selected_entries(str(data), dataset))
+               identity_author="Tuneline", stage="sft", entries=selected_entries(str(data), dataset))
     cfg.update(params)
     result = pd_.main(inputs={}, outputs={"data": str(out)}, params=cfg, log=LOG)
     read = lambda split: [json.loads(l) for l in (out / f"{split}.jsonl").read_text().splitlines()]
@@ -134,3 +134,28 @@ def test_llamafactory_entries_we_cannot_use_fail_clearly():
     with pytest.raises(TunelineError, match="mllm_demo.*does not exist"):
         from tuneline.registry import data_files
         data_files(str(LF_DATA), selected_entries(str(LF_DATA), "mllm_demo"))
+
+
+def test_preference_pairs_in_alpaca_and_sharegpt_layouts(tmp_path):
+    registry = {
+        "pa": {"file_name": "pa.json", "ranking": True,
+               "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
+        "ps": {"file_name": "ps.json", "ranking": True, "formatting": "sharegpt",
+               "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+    }
+    files = {
+        "pa.json": [{"instruction": "Name {{name}}", "input": "now", "chosen": "I am {{name}}.", "rejected": "No."},
+                    {"instruction": "bad", "chosen": "text", "rejected": None}],
+        "ps.json": [{"conversations": [{"from": "human", "value": "Hi"}],
+                     "chosen": {"from": "gpt", "value": "Hello!"}, "rejected": {"from": "gpt", "value": "Go."}},
+                    {"conversations": [{"from": "human", "value": "Hi"}],
+                     "chosen": {"from": "gpt", "value": "A"}, "rejected": {"from": "human", "value": "B"}}],
+    }
+    rows, _, stats = run(tmp_path, registry, files, "pa,ps", stage="dpo")
+    assert [r["messages"] for r in rows] == [
+        [{"role": "user", "content": "Name Tuna\nnow"}, {"role": "assistant", "content": "I am Tuna."}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]]
+    assert [r["rejected"] for r in rows] == ["No.", "Go."]
+    assert stats["invalid"] == 2  # a null rejected answer; a rejected turn with the user's role
+    with pytest.raises(TunelineError, match="'pa' is a preference dataset .* stage sft cannot use it"):
+        run(tmp_path, registry, files, "pa")

@@ -72,6 +72,14 @@ def check_values(config: dict, schema: dict | None = None) -> None:
 
     schema = schema or load_schema()
     problems = []
+    for key, spec in keys(schema).items():  # LLaMA-Factory values Tuneline knows and does not run
+        reason = spec.get("unsupported", {}).get(config.get(key)) if isinstance(config.get(key), str) else None
+        if reason:
+            allowed = ", ".join(str(v) for v in spec["enum"])
+            problems.append(f"config key '{key}' = {config[key]!r} is not supported: {' '.join(reason.split())} "
+                            f"Allowed: {allowed}.")
+    if problems:
+        raise TunelineError(" ".join(problems))
     for err in sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path)):
         key = err.path[0] if err.path else None
         spec = keys(schema).get(key, {})

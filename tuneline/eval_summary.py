@@ -8,7 +8,7 @@ from pathlib import Path
 
 def rows(base: dict, tuned: dict) -> list[dict]:
     out = []
-    for metric in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
+    for metric in ("bleu-4", "rouge-1", "rouge-2", "rouge-l") if tuned["generation"] else ():
         out.append({"metric": metric, "base": base["generation"][metric], "tuned": tuned["generation"][metric]})
     for category in tuned["mmlu"]["accuracy"]:
         out.append({"metric": f"{tuned['mmlu']['task']} {category}", "base": base["mmlu"]["accuracy"].get(category),
@@ -18,10 +18,12 @@ def rows(base: dict, tuned: dict) -> list[dict]:
     return out
 
 
-def markdown(table: list[dict], samples: int, questions: int) -> str:
+def markdown(table: list[dict], samples: int | None, questions: int) -> str:
+    generation = ("No generation metrics: stage pt data has no responses to score. " if samples is None else
+                  f"Generation metrics on {samples} eval-split samples (percent; see tuneline/score_generation.py "
+                  f"for how each is computed); ")
     lines = ["# Evaluation: base vs tuned\n",
-             f"Generation metrics on {samples} eval-split samples (percent; see tuneline/score_generation.py "
-             f"for how each is computed); multiple-choice accuracy (percent) on {questions} questions.\n",
+             f"{generation}multiple-choice accuracy (percent) on {questions} questions.\n",
              "| metric | base | tuned | delta |", "|---|---:|---:|---:|"]
     for r in table:
         fmt = lambda v: "–" if v is None else f"{v:.2f}"
@@ -31,11 +33,11 @@ def markdown(table: list[dict], samples: int, questions: int) -> str:
 
 
 def main(inputs, outputs, params, log, threads=1):
-    load = lambda key: json.loads(Path(inputs[key]).read_text())
+    load = lambda key: json.loads(Path(inputs[key]).read_text()) if key in inputs else None
     base = {"generation": load("base_generation"), "mmlu": load("base_mmlu")}
     tuned = {"generation": load("tuned_generation"), "mmlu": load("tuned_mmlu")}
     table = rows(base, tuned)
     Path(outputs["json"]).write_text(json.dumps({"rows": table, "base": base, "tuned": tuned}, indent=2) + "\n")
-    text = markdown(table, tuned["generation"]["samples"], tuned["mmlu"]["questions"])
+    text = markdown(table, tuned["generation"]["samples"] if tuned["generation"] else None, tuned["mmlu"]["questions"])
     Path(outputs["markdown"]).write_text(text)
     log.info("\n%s", text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import TunelineError
 from .jsonl import read_jsonl, write_jsonl
 from .modeling import load_for_inference, pad_id, set_threads
 from .templates import from_description
@@ -56,6 +57,10 @@ def main(inputs, outputs, params, log, threads=1):
     set_threads(threads)
     set_seed(params["seed"])
     examples = read_jsonl(Path(inputs["data"]) / "validation.jsonl")
+    if examples and "messages" not in examples[0]:
+        raise TunelineError(f"{inputs['data']}/validation.jsonl holds raw text (stage pt): there are no responses "
+                            "to generate and score. Evaluate a pt model with MMLU (rule mmlu) or the validation "
+                            "loss (val_size, eval_strategy).")
     out = Path(outputs["predictions"])
     if not examples:
         log.warning("the eval split is empty (val_size is 0): no predictions to make")

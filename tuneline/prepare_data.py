@@ -7,8 +7,14 @@ and parquet files. Output, one JSON object per line in train.jsonl / validation.
     {"messages": [{"role": "user"|"assistant"|"observation"|"function", "content": str}, ...],
      "system": str, "tools": str, "dataset": name}
 
-The last message is the response. Every example that is dropped, cut or merged is counted in
-the log and in stats.json.
+The last message is the response. By `stage`:
+
+- dpo (datasets with `ranking: true`): the same, with the chosen response as the last message,
+  plus `"rejected": str`, the rejected response to the same prompt;
+- pt: `{"text": str, "dataset": name}`, the `columns.prompt` column of each record (LLaMA-Factory's
+  pre-training datasets register `{"prompt": "text"}`; a .txt file is one text per line).
+
+Every example that is dropped, cut or merged is counted in the log and in stats.json.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from .jsonl import write_jsonl
 from .registry import DATA_EXTENSIONS, local_source
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None,
-                  "system": None, "tools": None}
-SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "tools": None}
+                  "system": None, "tools": None, "chosen": None, "rejected": None}
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "tools": None, "chosen": None, "rejected": None}
 TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
         "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 MEDIA_COLUMNS = ("images", "videos", "audios")
@@ -173,26 +179,69 @@ def convert_sharegpt(record: dict, columns: dict, tags: dict) -> dict | None:
             "tools": _text(record.get(columns["tools"])) if columns.get("tools") else ""}
 
 
-def convert(name: str, entry: dict, records: list[dict], log) -> list[dict]:
-    formatting = entry.get("formatting", "alpaca")
-    if entry.get("ranking"):
-        raise TunelineError(f"dataset '{name}' is a preference dataset (ranking: true); stage sft cannot use it.")
-    if formatting == "alpaca":
-        columns = _mapping(ALPACA_COLUMNS, entry.get("columns"))
-        _check_columns(name, records, columns, ("prompt", "response"))
-        out = [convert_alpaca(r, columns) for r in records]
-    elif formatting in ("sharegpt", "openai"):
-        columns = _mapping(SHAREGPT_COLUMNS, entry.get("columns"))
-        _check_columns(name, records, columns, ("messages",))
-        tags = _mapping(TAGS, entry.get("tags"))
-        out = [convert_sharegpt(r, columns, tags) for r in records]
+def convert_pairwise(record: dict, columns: dict, tags: dict | None) -> dict | None:
+    """A preference record: the prompt conversation with the chosen response as its last message,
+    and the rejected response beside it. alpaca: chosen/rejected are strings; sharegpt/openai:
+    message objects with an assistant role (LLaMA-Factory's layout)."""
+    chosen, rejected = record.get(columns["chosen"]), record.get(columns["rejected"])
+    if tags is None:  # alpaca
+        if not (isinstance(chosen, str) and isinstance(rejected, str)):
+            return None
+        out = convert_alpaca({**record, "__chosen__": chosen}, {**columns, "response": "__chosen__"})
+        rejected_text = rejected
     else:
+        assistant = (tags.get("assistant_tag"), tags.get("function_tag"))
+        prompt = record.get(columns["messages"])
+        if not (isinstance(chosen, dict) and isinstance(rejected, dict) and isinstance(prompt, list)
+                and chosen.get(tags["role_tag"]) in assistant and rejected.get(tags["role_tag"]) in assistant):
+            return None
+        out = convert_sharegpt({**record, columns["messages"]: prompt + [chosen]}, columns, tags)
+        rejected_text = _text(rejected.get(tags["content_tag"]))
+    return None if out is None else {**out, "rejected": rejected_text}
+
+
+def convert_text(record: dict, columns: dict) -> dict | None:
+    text = record.get(columns.get("prompt") or "")
+    return {"text": text} if isinstance(text, str) and text.strip() else None
+
+
+def convert(name: str, entry: dict, records: list[dict], log, stage: str = "sft") -> list[dict]:
+    formatting = entry.get("formatting", "alpaca")
+    ranking = bool(entry.get("ranking"))
+    if ranking != (stage == "dpo"):
+        raise TunelineError(
+            f"dataset '{name}' is a preference dataset (ranking: true); stage {stage} cannot use it: set stage: dpo."
+            if ranking else
+            f"dataset '{name}' is not a preference dataset; stage dpo needs pairs: register one with "
+            f"ranking: true and columns chosen/rejected (e.g. dpo_en_demo)."
+        )
+    if formatting not in ("alpaca", "sharegpt", "openai"):
         raise TunelineError(f"dataset '{name}': unknown formatting '{formatting}' (alpaca, sharegpt or openai).")
+    columns = _mapping(ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS, entry.get("columns"))
+    tags = None if formatting == "alpaca" else _mapping(TAGS, entry.get("tags"))
+    if stage == "pt":
+        if formatting != "alpaca":
+            raise TunelineError(f"dataset '{name}': stage pt reads raw text from columns.prompt; use the "
+                                f"alpaca formatting with columns {{\"prompt\": \"text\"}} (as c4_demo does).")
+        _check_columns(name, records, columns, ("prompt",))
+        out, kind = [convert_text(r, columns) for r in records], "texts (empty or not a string)"
+    elif ranking:
+        for role in ("chosen", "rejected"):
+            if not columns.get(role):
+                raise TunelineError(f"dataset '{name}' (ranking: true) must name columns.{role} in dataset_info.json.")
+        _check_columns(name, records, columns, ("chosen", "rejected") + (("prompt",) if tags is None else ("messages",)))
+        out, kind = [convert_pairwise(r, columns, tags) for r in records], f"{formatting} preference pairs"
+    elif tags is None:
+        _check_columns(name, records, columns, ("prompt", "response"))
+        out, kind = [convert_alpaca(r, columns) for r in records], "alpaca conversations"
+    else:
+        _check_columns(name, records, columns, ("messages",))
+        out, kind = [convert_sharegpt(r, columns, tags) for r in records], f"{formatting} conversations"
     kept = [dict(r, dataset=name) for r in out if r is not None]
     if len(kept) < len(records):
-        log.warning("dataset %s: dropped %d of %d examples that are not valid %s conversations "
-                    "(roles must alternate user/assistant and end with a response)",
-                    name, len(records) - len(kept), len(records), formatting)
+        why = "" if stage == "pt" else " (roles must alternate user/assistant and end with a response)"
+        log.warning("dataset %s: dropped %d of %d examples that are not valid %s%s",
+                    name, len(records) - len(kept), len(records), kind, why)
     return kept
 
 
@@ -202,14 +251,19 @@ def fill_placeholders(example: dict, replacements: dict[str, str]) -> dict:
             text = text.replace("{{" + key + "}}", value)
         return text
 
-    return {**example, "system": fill(example["system"]),
-            "messages": [{**m, "content": fill(m["content"])} for m in example["messages"]]}
+    if "text" in example:  # stage pt
+        return {**example, "text": fill(example["text"])}
+    filled = {**example, "system": fill(example["system"]),
+              "messages": [{**m, "content": fill(m["content"])} for m in example["messages"]]}
+    if "rejected" in example:
+        filled["rejected"] = fill(example["rejected"])
+    return filled
 
 
 def deduplicate(examples: list[dict]) -> tuple[list[dict], int]:
     seen, kept = set(), []
     for ex in examples:
-        key = json.dumps([ex["system"], ex["tools"], ex["messages"]], ensure_ascii=False, sort_keys=True)
+        key = json.dumps({k: v for k, v in ex.items() if k != "dataset"}, ensure_ascii=False, sort_keys=True)
         if key not in seen:
             seen.add(key)
             kept.append(ex)
@@ -236,7 +290,7 @@ def collect(entries: dict, params: dict, log) -> tuple[list[dict], Counter]:
     examples = []
     for name, entry in entries.items():
         records = load_records(name, entry, params["dataset_dir"], log)
-        converted = convert(name, entry, records, log)
+        converted = convert(name, entry, records, log, params["stage"])
         stats["read"] += len(records)
         stats["invalid"] += len(records) - len(converted)
         if params["max_samples"] and len(converted) > params["max_samples"]:

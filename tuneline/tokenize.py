@@ -4,6 +4,11 @@ Follows LLaMA-Factory's supervised encoding: per-turn (source, target) pairs, a 
 shared between them (`infer_seqlen`), labels -100 on the prompt unless train_on_prompt, and with
 mask_history only the last turn learned (it gets the budget first). Truncated and dropped
 examples are counted in the log and stats.json.
+
+By `stage`: sft writes input_ids/attention_mask/labels; pt the same for raw text (text + eos,
+every token learned; a text longer than cutoff_len becomes several windows, nothing is cut);
+dpo writes TRL's preference columns prompt_ids/chosen_ids/rejected_ids, the prompt and both
+responses rendered with the template and cut like LLaMA-Factory's pairwise encoding.
 """
 
 from __future__ import annotations
@@ -62,7 +67,76 @@ def encode_supervised(template: Template, example: dict, cutoff_len: int, train_
     return input_ids, labels, full_len > cutoff_len
 
 
+def encode_text(tokenizer, text: str, cutoff_len: int) -> list[list[int]]:
+    """Pre-training: text + eos as windows of at most cutoff_len tokens."""
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return [ids[i:i + cutoff_len] for i in range(0, len(ids), cutoff_len)]
+
+
+def encode_pairwise(template: Template, example: dict, cutoff_len: int) -> tuple[dict, bool]:
+    """-> ({prompt_ids, chosen_ids, rejected_ids}, truncated): the prompt is every turn before the
+    last response; one length budget for the prompt and the longer response (infer_seqlen)."""
+    system, tools = example.get("system", ""), example.get("tools", "")
+    rejected = example["messages"][:-1] + [{"role": "assistant", "content": example["rejected"]}]
+    completions = []
+    for messages in (example["messages"], rejected):
+        pairs = template.encode_turns(messages, system, tools)
+        prompt = [t for s, r in pairs[:-1] for t in s + r] + pairs[-1][0]
+        completions.append(pairs[-1][1] + ([template.tokenizer.eos_token_id] if template.efficient_eos else []))
+    chosen, rejected = completions
+    s_len, t_len = infer_seqlen(len(prompt), max(len(chosen), len(rejected)), cutoff_len)
+    cut = s_len < len(prompt) or t_len < max(len(chosen), len(rejected))
+    return {"prompt_ids": prompt[:s_len], "chosen_ids": chosen[:t_len], "rejected_ids": rejected[:t_len]}, cut
+
+
+def tokenize_pairs(template, examples, params, log, split) -> tuple[dict, dict]:
+    columns = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    truncated = dropped = 0
+    for ex in examples:
+        row, cut = encode_pairwise(template, ex, params["cutoff_len"])
+        truncated += cut
+        if not row["chosen_ids"] or not row["rejected_ids"]:
+            dropped += 1
+            continue
+        for key, ids in row.items():
+            columns[key].append(ids)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in zip(*columns.values())]
+    stats = {"examples": len(lengths), "truncated": truncated, "dropped_no_labels": dropped,
+             "tokens": sum(lengths), "max_len": max(lengths, default=0)}
+    if truncated:
+        log.warning("%s: %d of %d preference pairs were longer than cutoff_len=%d and were truncated",
+                    split, truncated, len(examples), params["cutoff_len"])
+    if dropped:
+        log.warning("%s: dropped %d pairs with an empty response left after truncation", split, dropped)
+    log.info("%s: %d preference pairs, %d tokens", split, stats["examples"], stats["tokens"])
+    return columns, stats
+
+
+def tokenize_texts(tokenizer, examples, params, log, split) -> tuple[dict, dict]:
+    columns = {"input_ids": [], "attention_mask": [], "labels": []}
+    split_texts = 0
+    for ex in examples:
+        windows = encode_text(tokenizer, ex["text"], params["cutoff_len"])
+        split_texts += len(windows) > 1
+        for ids in windows:
+            columns["input_ids"].append(ids)
+            columns["attention_mask"].append([1] * len(ids))
+            columns["labels"].append(list(ids))
+    lengths = [len(x) for x in columns["input_ids"]]
+    stats = {"texts": len(examples), "examples": len(lengths), "split_into_windows": split_texts,
+             "tokens": sum(lengths), "max_len": max(lengths, default=0), "label_tokens": sum(lengths)}
+    if split_texts:
+        log.info("%s: %d of %d texts were longer than cutoff_len=%d and were split into windows (%d in all); "
+                 "no token is dropped", split, split_texts, len(examples), params["cutoff_len"], len(lengths))
+    log.info("%s: %d texts, %d windows, %d tokens", split, len(examples), len(lengths), stats["tokens"])
+    return columns, stats
+
+
 def tokenize_split(template, examples, params, log, split) -> tuple[dict, dict]:
+    if params["stage"] == "pt":
+        return tokenize_texts(template.tokenizer, examples, params, log, split)
+    if params["stage"] == "dpo":
+        return tokenize_pairs(template, examples, params, log, split)
     columns = {"input_ids": [], "attention_mask": [], "labels": []}
     truncated = dropped = 0
     for ex in examples:
@@ -100,12 +174,13 @@ def main(inputs, outputs, params, log, threads=1):
     out.mkdir(parents=True, exist_ok=True)
     all_stats = {}
     for split in ("train", "validation"):
-        examples = read_jsonl(Path(inputs["data"]) / f"{split}.jsonl")
+        source = inputs["data"] if split == "train" else inputs.get("eval_data", inputs["data"])
+        examples = read_jsonl(Path(source) / f"{split}.jsonl")
         columns, all_stats[split] = tokenize_split(template, examples, params, log, split)
-        if split == "train" and not columns["input_ids"]:
+        if split == "train" and not any(columns.values()):
             raise TunelineError("no training examples left after tokenization (all were dropped); "
                                 "raise cutoff_len or check the data.")
-        if columns["input_ids"]:  # no folder for an empty split (val_size: 0)
+        if any(columns.values()):  # no folder for an empty split (val_size: 0)
             datasets.Dataset.from_dict(columns).save_to_disk(str(out / split))
     (out / "template.json").write_text(json.dumps(template.describe(), indent=2, ensure_ascii=False) + "\n")
     (out / "stats.json").write_text(json.dumps(all_stats, indent=2) + "\n")

@@ -168,12 +168,22 @@ def distributed_arguments(params: dict, cuda: bool) -> dict:
 
 
 def training_arguments(params: dict, out_dir: Path, dtype):
+    """TrainingArguments from the config; for stage dpo TRL's DPOConfig (its subclass) with the
+    pref_* keys. Our tokenize rule already cut every pair to cutoff_len: no max_length here."""
     import torch
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
     warmup = params["warmup_ratio"] if params["warmup_ratio"] > 0 else params["warmup_steps"]
-    return TrainingArguments(
+    args_class, extra = TrainingArguments, {}
+    if params["stage"] == "dpo":
+        from trl import DPOConfig
+
+        losses = [params["pref_loss"]] + (["sft"] if params["pref_ftx"] else [])
+        args_class = DPOConfig
+        extra = dict(beta=params["pref_beta"], loss_type=losses, max_length=None,
+                     loss_weights=[1.0, params["pref_ftx"]] if params["pref_ftx"] else None)
+    return args_class(
         output_dir=str(out_dir),
         per_device_train_batch_size=params["per_device_train_batch_size"],
         gradient_accumulation_steps=params["gradient_accumulation_steps"],
@@ -202,6 +212,7 @@ def training_arguments(params: dict, out_dir: Path, dtype):
         disable_tqdm=False,
         dataloader_num_workers=0,
         **distributed_arguments(params, cuda),
+        **extra,
     )
 
 
@@ -286,15 +297,71 @@ def main(inputs, outputs, params, log, threads=1, launch=None):
     return train(inputs, outputs, params, log, threads)
 
 
-def make_collator(tokenizer, packing: bool):
+class LabelledLogitsOnly:
+    """Wraps a collator so that the output layer and the loss run only at positions that predict a
+    label: transformers' `logits_to_keep` (a tensor of positions) and `shift_labels` (their targets).
+    In SFT the prompt tokens predict nothing, and on a small model the vocabulary-sized output layer
+    and its softmax are a large part of each step (SmolLM2: 49152 x 576). The loss is the same sum
+    over the same targets, divided by the same count (`labels` stays in the batch for the Trainer)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        shifted = batch["labels"][:, 1:]  # position t predicts token t + 1
+        keep = (shifted != -100).any(0).nonzero().squeeze(1)
+        if len(keep):
+            batch["logits_to_keep"] = keep
+            batch["shift_labels"] = shifted[:, keep].contiguous()
+        return batch
+
+
+def make_collator(tokenizer, packing: bool, model=None):
     """Packing: the batch as one row, position ids restarting per example (the models build a
     block-diagonal attention mask from them) and the first label of each example masked, so no
-    example predicts from another. Otherwise: padded to the longest example of the batch."""
+    example predicts from another. Otherwise: padded to the longest example of the batch. Either
+    way logits only where a label is, when the model's forward takes `logits_to_keep`."""
+    import inspect
+
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base is not None and "logits_to_keep" in inspect.signature(base.forward).parameters:
+        return LabelledLogitsOnly(collator)
+    return collator
+
+
+def preference_trainer(model, args, params, tokenizer, train_ds, eval_ds, optimizers, base: str, dtype, log):
+    """TRL's DPOTrainer on the pairs our tokenize rule wrote (prompt_ids/chosen_ids/rejected_ids,
+    rendered with the pipeline's template). The reference model is the base: for LoRA the adapter
+    switched off (TRL adds a frozen copy of the fresh adapter, removed before saving), for
+    freeze/full a second, frozen copy of the base weights."""
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(dataset.column_names)
+            if missing:
+                raise TunelineError(f"the {dataset_name} split has no {', '.join(sorted(missing))}: it was not "
+                                    "tokenized for stage dpo. Rerun tokenize (snakemake -R tokenize).")
+            return dataset
+
+    ref_model = None
+    if params["finetuning_type"] != "lora":
+        ref_model = load_causal_lm(base, model.dtype, None).eval()
+        ref_model.requires_grad_(False)
+    if params["packing"]:
+        log.info("stage dpo: packing does not apply (TRL's DPOTrainer pads each batch of pairs)")
+    log.info("DPO: loss %s, beta %s%s; reference: %s", params["pref_loss"], params["pref_beta"],
+             f", + {params['pref_ftx']} x SFT loss" if params["pref_ftx"] else "",
+             "the base model (adapter disabled)" if ref_model is None else "a frozen copy of the base model")
+    return PretokenizedDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
+                                  eval_dataset=eval_ds, processing_class=tokenizer, optimizers=optimizers)
 
 
 def resumable_checkpoint(ckpt: Path, key: dict, log) -> str | None:
@@ -334,7 +401,7 @@ def train(inputs, outputs, params, log, threads=1):
     eval_ds = datasets.load_from_disk(str(eval_dir)) if eval_dir.is_dir() else []
     if params["eval_strategy"] != "no" and not len(eval_ds):
         raise TunelineError(f"eval_strategy {params['eval_strategy']} needs a validation split: set val_size "
-                            "(e.g. 0.1) so that prepare_data holds examples out.")
+                            "(e.g. 0.1) so that prepare_data holds examples out, or name eval_dataset.")
     model, quant, targets = build_model(inputs["model"], params, dtype, log)
     # no KV cache in training: with one, the models ignore packed position ids and attend across examples
     model.config.use_cache = False
@@ -351,14 +418,19 @@ def train(inputs, outputs, params, log, threads=1):
     if params["report_to"] == "tensorboard":  # events beside the checkpoints; copied to the output at the end
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(ckpt / "runs")
     args = training_arguments(params, ckpt, dtype)
-    collator = make_collator(tokenizer, params["packing"])
+    collator = make_collator(tokenizer, params["packing"], model)
     optimizers = (None, None)
     if params["loraplus_lr_ratio"]:
         if params["finetuning_type"] != "lora":
             raise TunelineError("loraplus_lr_ratio applies to finetuning_type lora only.")
         optimizers = (loraplus_optimizer(model, args, params), None)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
-                      eval_dataset=eval_ds if params["eval_strategy"] != "no" else None, optimizers=optimizers)
+    eval_during = eval_ds if params["eval_strategy"] != "no" else None
+    if params["stage"] == "dpo":
+        trainer = preference_trainer(model, args, params, tokenizer, train_ds, eval_during, optimizers,
+                                     inputs["model"], dtype, log)
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
+                          eval_dataset=eval_during, optimizers=optimizers)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
@@ -375,6 +447,8 @@ def train(inputs, outputs, params, log, threads=1):
     out = Path(outputs["adapter"])
     out.mkdir(parents=True, exist_ok=True)
     model.config.use_cache = True  # for inference with what is saved
+    if "ref" in getattr(model, "peft_config", {}):  # DPOTrainer's frozen reference copy of the adapter
+        model.delete_adapter("ref")
     model.save_pretrained(out)
     if params["finetuning_type"] == "lora":
         sort_target_modules(out)
@@ -385,8 +459,11 @@ def train(inputs, outputs, params, log, threads=1):
     (out / "loss_history.json").write_text(json.dumps(history, indent=2) + "\n")
     title = (f"LoRA r={params['lora_rank']}" if params["finetuning_type"] == "lora" else params["finetuning_type"])
     plot_loss(history, out / "loss.png", f"{title}, lr={params['learning_rate']}")
-    real_tokens = sum(len(x) for x in train_ds["input_ids"]) * (trainer.state.epoch or 1)
+    real_tokens = sum(map(len, train_ds["input_ids"])) if "input_ids" in train_ds.column_names else sum(
+        len(row["prompt_ids"]) * 2 + len(row["chosen_ids"]) + len(row["rejected_ids"]) for row in train_ds)
+    real_tokens *= trainer.state.epoch or 1
     report = {
+        "stage": params["stage"],
         "finetuning_type": params["finetuning_type"],
         "quantization": quant,
         "compute_dtype": str(dtype).replace("torch.", ""),

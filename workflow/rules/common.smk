@@ -63,7 +63,8 @@ def base_model_source(wildcards):
 
 
 def eval_split(wildcards):
-    """predict's eval split: the eval_dataset names when set, else prepare_data's val_size split."""
+    """The eval split (validation.jsonl) for tokenize and predict: the eval_dataset names when set,
+    else prepare_data's val_size split."""
     return "results/eval_data" if config["eval_dataset"] else "results/data"
 
 

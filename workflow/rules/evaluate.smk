@@ -70,8 +70,9 @@ rule mmlu:
 rule eval_summary:
     """Base vs tuned, side by side, with the delta."""
     input:
-        base_generation="results/eval/base/predict_results.json",
-        tuned_generation="results/eval/tuned/predict_results.json",
+        # stage pt data has no responses to generate and score: MMLU only
+        **({} if config["stage"] == "pt" else {"base_generation": "results/eval/base/predict_results.json",
+                                               "tuned_generation": "results/eval/tuned/predict_results.json"}),
         base_mmlu="results/eval/base/mmlu.json",
         tuned_mmlu="results/eval/tuned/mmlu.json",
     output:

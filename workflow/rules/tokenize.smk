@@ -3,6 +3,7 @@ rule tokenize:
     cache: SHARED  # between experiments, with --cache (common.smk)
     input:
         data="results/data",
+        eval_data=eval_split,  # the validation split: eval_dataset's when set, else val_size's
         model="results/base_model",
     output:
         tokenized=directory("results/tokenized"),

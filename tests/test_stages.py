@@ -1,0 +1,167 @@
+"""Training stages (issue #4) on the tiny model: pt on LLaMA-Factory's raw-text demo data, dpo on
+its preference demo data through TRL's DPOTrainer, validation on eval_dataset during training,
+and the stages Tuneline refuses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import datasets
+import pytest
+import torch
+import yaml
+
+from conftest import LF_DATA, REPO, make_tokenized, make_workdir, planned_jobs, snakemake, train_params
+from tuneline import prepare_data, prepare_eval_data, tokenize, train
+from tuneline.config import check_values, rule_params
+from tuneline.errors import TunelineError
+from tuneline.jsonl import read_jsonl
+from tuneline.registry import selected_entries
+
+LOG = logging.getLogger("test")
+LN2 = math.log(2)
+
+
+def run_train(tmp_path, tiny_model, tokenized, name="out", **overrides):
+    out = tmp_path / name
+    train.main({"tokenized": str(tokenized), "model": str(tiny_model)}, {"adapter": str(out)},
+               train_params(**{"quantization_bit": None, **overrides}), LOG)
+    return out, json.loads((out / "loss_history.json").read_text())
+
+
+def losses(history):
+    return [h["loss"] for h in history if "loss" in h]
+
+
+# ---------------------------------------------------------------- pt
+
+def test_pt_reads_lf_text_data_splits_long_texts_without_loss_and_learns(tmp_path, tiny_model, tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tok = make_tokenized(tmp_path, tiny_model, cutoff_len=64, stage="pt", dataset="c4_demo,wiki_demo",
+                         dataset_dir=str(LF_DATA), max_samples=4)
+    texts = [r["text"] for r in read_jsonl(tmp_path / "data" / "train.jsonl")]
+    assert len(texts) == 8 and {r["dataset"] for r in read_jsonl(tmp_path / "data" / "train.jsonl")} == {
+        "c4_demo", "wiki_demo"}
+    ds = datasets.load_from_disk(str(tok / "train"))
+    stats = json.loads((tok / "stats.json").read_text())["train"]
+    # every text is cut into windows of cutoff_len; the windows hold every token of text + eos
+    assert stats["split_into_windows"] == 8 and max(map(len, ds["input_ids"])) == 64
+    expected = sum(len(tokenizer.encode(t, add_special_tokens=False)) + 1 for t in texts)
+    assert sum(map(len, ds["input_ids"])) == expected == stats["tokens"]
+    assert ds["labels"] == ds["input_ids"]  # every token is learned
+    _, history = run_train(tmp_path, tiny_model, tok, max_steps=12, stage="pt")
+    curve = losses(history)
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.5
+
+
+def test_pt_rejects_conversation_and_preference_data():
+    params = {"dataset_dir": str(LF_DATA), "max_samples": 2, "identity_name": "", "identity_author": "",
+              "stage": "pt"}
+    with pytest.raises(TunelineError, match="'dpo_en_demo' is a preference dataset .* set stage: dpo"):
+        prepare_data.collect(selected_entries(str(LF_DATA), "dpo_en_demo"), params, LOG)
+    with pytest.raises(TunelineError, match="'glaive_toolcall_en_demo': stage pt reads raw text"):
+        prepare_data.collect(selected_entries(str(LF_DATA), "glaive_toolcall_en_demo"), params, LOG)
+
+
+# ---------------------------------------------------------------- dpo
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("dpo")
+    make_tokenized(root, tiny_model, cutoff_len=96, stage="dpo", dataset="dpo_en_demo", dataset_dir=str(LF_DATA),
+                   max_samples=16)
+    return root
+
+
+def pair_margins(model_dir, adapter, tokenized) -> torch.Tensor:
+    """log p(chosen) - log p(rejected) of each training pair under the base (+ adapter)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    margins = []
+    with torch.no_grad():
+        for row in datasets.load_from_disk(str(tokenized / "train")):
+            logps = []
+            for completion in (row["chosen_ids"], row["rejected_ids"]):
+                ids = torch.tensor([row["prompt_ids"] + completion])
+                logits = model(ids).logits[0, len(row["prompt_ids"]) - 1:-1].log_softmax(-1)
+                logps.append(logits.gather(1, torch.tensor(completion)[:, None]).sum())
+            margins.append(logps[0] - logps[1])
+    return torch.stack(margins)
+
+
+def test_dpo_pairs_are_rendered_with_the_template(pairs, tokenizer):
+    rows = read_jsonl(pairs / "data" / "train.jsonl")
+    assert all(r["messages"][-1]["role"] == "assistant" and isinstance(r["rejected"], str) for r in rows)
+    ds = datasets.load_from_disk(str(pairs / "tok" / "train"))
+    assert set(ds.column_names) == {"prompt_ids", "chosen_ids", "rejected_ids"} and len(ds) == 16
+    first = ds[0]
+    assert tokenizer.decode(first["prompt_ids"]).startswith("<|im_start|>system\n")
+    assert rows[0]["messages"][-1]["content"].startswith(tokenizer.decode(first["chosen_ids"])[:20])
+    assert all(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) <= 96 for r in ds)
+
+
+def test_dpo_with_lora_prefers_the_chosen_responses(tmp_path, tiny_model, pairs, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out, history = run_train(tmp_path, tiny_model, pairs / "tok", max_steps=10, stage="dpo", learning_rate=1e-2)
+    curve = losses(history)
+    # step 1: the policy is the reference (LoRA B = 0), so the sigmoid loss is exactly -log sigmoid(0)
+    assert abs(curve[0] - LN2) < 1e-4 and curve[-1] < 0.3
+    assert history[-2]["rewards/margins"] > 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and not (out / "ref").exists()  # TRL's reference copy is not saved
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["stage"] == "dpo"
+    before = pair_margins(tiny_model, None, pairs / "tok")
+    after = pair_margins(tiny_model, out, pairs / "tok")
+    assert (after - before).mean() > 1.0 and (after > before).float().mean() >= 0.75
+
+
+def test_dpo_freeze_has_a_frozen_reference_and_pref_ftx_adds_the_sft_loss(tmp_path, tiny_model, pairs, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, plain = run_train(tmp_path, tiny_model, pairs / "tok", name="plain", max_steps=2, stage="dpo",
+                         finetuning_type="freeze", freeze_trainable_layers=1)
+    assert abs(losses(plain)[0] - LN2) < 1e-4  # the reference is a copy of the base: same log-probs
+    _, ftx = run_train(tmp_path, tiny_model, pairs / "tok", name="ftx", max_steps=2, stage="dpo",
+                       finetuning_type="freeze", freeze_trainable_layers=1, pref_ftx=0.5, pref_loss="hinge")
+    # hinge at margin 0 is 1; the SFT term adds half the chosen responses' NLL (~ln 600 for a random model)
+    assert losses(ftx)[0] > 1.0 + 0.5 * 4
+
+
+# ---------------------------------------------------------------- eval_dataset, refused stages
+
+def test_eval_dataset_is_the_validation_split_in_training(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = rule_params({"dataset_dir": str(REPO / "resources"), "eval_dataset": "identity", "max_samples": 6},
+                         "prepare_eval_data")
+    params["entries"] = selected_entries(params["dataset_dir"], "identity")
+    prepare_eval_data.main({}, {"data": str(tmp_path / "eval_data")}, params, LOG)
+    make_tokenized(tmp_path / "a", tiny_model, cutoff_len=64)  # data from the val_size-less split
+    tokenize.main({"data": str(tmp_path / "a" / "data"), "eval_data": str(tmp_path / "eval_data"),
+                   "model": str(tiny_model)}, {"tokenized": str(tmp_path / "tok")},
+                  rule_params({"cutoff_len": 64}, "tokenize"), LOG)
+    assert len(datasets.load_from_disk(str(tmp_path / "tok" / "validation"))) == 6
+    _, history = run_train(tmp_path, tiny_model, tmp_path / "tok", max_steps=4, eval_strategy="steps", eval_steps=2)
+    assert sorted({h["step"] for h in history if "eval_loss" in h}) == [2, 4]
+
+
+@pytest.mark.parametrize("stage", ["ppo", "kto", "rm"])
+def test_unsupported_stages_are_refused_with_the_reason(stage):
+    with pytest.raises(TunelineError, match=rf"'stage' = '{stage}' is not supported: .* Allowed: sft, pt, dpo"):
+        check_values({"stage": stage})
+
+
+def test_stage_pt_plans_no_generation_scoring_and_ppo_fails_the_dry_run(tmp_path, tiny_model):
+    work = make_workdir(tmp_path, tiny_model, stage="pt", dataset="c4_demo")
+    cfg = yaml.safe_load((work / "tuneline.yaml").read_text())
+    (work / "tuneline.yaml").write_text(yaml.safe_dump({**cfg, "dataset_dir": str(LF_DATA)}))
+    jobs = planned_jobs(work)
+    assert {"train", "mmlu", "eval_summary"} <= jobs and not {"predict", "score_generation"} & jobs
+    proc = snakemake(work, "--dry-run", "--config", "stage=ppo")
+    assert proc.returncode != 0 and "'stage' = 'ppo' is not supported: PPO needs a reward model" in proc.output
