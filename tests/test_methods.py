@@ -16,6 +16,7 @@ from conftest import make_tokenized, train_params
 from tuneline import merge, train
 from tuneline.config import rule_params
 from tuneline.errors import TunelineError
+from tuneline.modeling import use_packed_attention
 
 LOG = logging.getLogger("test")
 
@@ -256,3 +257,12 @@ def test_packed_batch_has_the_unpacked_loss(tiny_model, tokenized, tokenizer):
             out = model(**batch)
         assert out.logits.shape[1] == labelled
         assert abs(out.loss.item() - full_loss) < 1e-5, (packing, out.loss.item(), full_loss)
+    # attention on each packed example's own slice (no block mask over the whole row): same loss
+    use_packed_attention(model)
+    try:
+        with torch.no_grad():
+            sliced = model(**train.make_collator(tokenizer, packing=True, model=model)(features)).loss.item()
+        assert model.config._attn_implementation == "tuneline_packed_sdpa"
+    finally:
+        use_packed_attention(model, on=False)
+    assert abs(sliced - loss_padded) < 1e-5, (sliced, loss_padded)

@@ -109,3 +109,33 @@ def lora_targets(model, lora_target: str) -> list[str]:
             f"model. Its linear modules are: {', '.join(available)} (or use `all`)."
         )
     return sorted(wanted)
+
+
+PACKED_ATTENTION = "tuneline_packed_sdpa"
+
+
+def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """Attention for a packed row (DataCollatorWithFlattening with return_flash_attn_kwargs): causal
+    SDPA on each example's own slice, so the cost is the sum of Lᵢ² rather than (ΣLᵢ)² for a
+    block-diagonal mask over the whole row (measured on SmolLM2, alpaca batch of 8: a third of the
+    step). The CPU has no varlen flash-attention kernel; this is its exact equivalent."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        if query.shape[0] != 1 or attention_mask is not None:
+            raise TunelineError(f"{PACKED_ATTENTION} takes packed rows only (no padding, no attention mask).")
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+               for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outputs, dim=1), None
+
+
+def use_packed_attention(model, on: bool = True) -> None:
+    """Switch a (PEFT-wrapped) model to packed_sdpa for training, and back to sdpa for what is saved."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(PACKED_ATTENTION if on else "sdpa")

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .errors import TunelineError
-from .modeling import compute_dtype, load_causal_lm, lora_targets, set_threads
+from .modeling import compute_dtype, load_causal_lm, lora_targets, set_threads, use_packed_attention
 from .provenance import sha256_path
 
 CHECKPOINT_ROOT = Path(".tuneline") / "checkpoints"
@@ -326,8 +326,9 @@ def make_collator(tokenizer, packing: bool, model=None):
 
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-    if packing:
-        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    if packing:  # the sequence boundaries (cu_seq_lens) are for modeling.packed_sdpa
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100,
+                                              return_flash_attn_kwargs=True)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -405,6 +406,9 @@ def train(inputs, outputs, params, log, threads=1):
     model, quant, targets = build_model(inputs["model"], params, dtype, log)
     # no KV cache in training: with one, the models ignore packed position ids and attend across examples
     model.config.use_cache = False
+    packed = params["packing"] and params["stage"] != "dpo"
+    if packed:  # attention within each packed example only, at each example's own cost
+        use_packed_attention(model)
 
     key = train_key(params, inputs["tokenized"])  # hashes the tokenized data once
     ckpt = checkpoint_dir(key)
@@ -447,6 +451,8 @@ def train(inputs, outputs, params, log, threads=1):
     out = Path(outputs["adapter"])
     out.mkdir(parents=True, exist_ok=True)
     model.config.use_cache = True  # for inference with what is saved
+    if packed:
+        use_packed_attention(model, on=False)
     if "ref" in getattr(model, "peft_config", {}):  # DPOTrainer's frozen reference copy of the adapter
         model.delete_adapter("ref")
     model.save_pretrained(out)
