@@ -149,3 +149,6 @@ def test_eval_dataset_replaces_the_val_split_for_predict(done):
     jobs = planned_jobs(done, "results/eval/tuned/predict_results.json", "--config", "eval_dataset=identity",
                         "val_size=0")
     assert "prepare_eval_data" in jobs and {"predict", "score_generation"} <= jobs
+    # it is the validation split in training too: tokenize encodes it, train evaluates on it
+    assert {"prepare_eval_data", "tokenize", "train"} <= planned_jobs(
+        done, "results/adapter", "--config", "eval_dataset=identity", "val_size=0")

@@ -148,7 +148,10 @@ def test_eval_dataset_is_the_validation_split_in_training(tmp_path, tiny_model, 
                   rule_params({"cutoff_len": 64}, "tokenize"), LOG)
     assert len(datasets.load_from_disk(str(tmp_path / "tok" / "validation"))) == 6
     _, history = run_train(tmp_path, tiny_model, tmp_path / "tok", max_steps=4, eval_strategy="steps", eval_steps=2)
-    assert sorted({h["step"] for h in history if "eval_loss" in h}) == [2, 4]
+    # evaluated at steps 2 and 4, and not once more after training: step 4 was the last step
+    assert [h["step"] for h in history if "eval_loss" in h] == [2, 4]
+    report = json.loads((tmp_path / "out" / "train_report.json").read_text())
+    assert report["metrics"]["eval_loss"] == history[-2]["eval_loss"]
 
 
 @pytest.mark.parametrize("stage", ["ppo", "kto", "rm"])

@@ -439,7 +439,11 @@ def train(inputs, outputs, params, log, threads=1):
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     metrics = dict(result.metrics)
-    if len(eval_ds):
+    last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last_eval and last_eval["step"] == trainer.state.global_step:  # evaluated at the last step already
+        metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
+        log.info("validation loss %.4f", metrics["eval_loss"])
+    elif len(eval_ds):
         from transformers.integrations import TensorBoardCallback
 
         trainer.remove_callback(TensorBoardCallback)  # it closed its file at the end of training
