@@ -266,3 +266,27 @@ def test_packed_batch_has_the_unpacked_loss(tiny_model, tokenized, tokenizer):
     finally:
         use_packed_attention(model, on=False)
     assert abs(sliced - loss_padded) < 1e-5, (sliced, loss_padded)
+
+
+@pytest.mark.parametrize("quant, expected", [
+    ({"quantization_bit": 8}, {"bits": 8}),
+    ({"quantization_bit": 4, "quantization_type": "fp4", "double_quantization": False},
+     {"bits": 4, "type": "fp4", "double": False}),
+])
+def test_8bit_and_fp4_bases_are_quantized_as_asked_and_train(tmp_path, tiny_model, tokenized, monkeypatch, quant,
+                                                            expected):
+    import bitsandbytes as bnb
+
+    monkeypatch.chdir(tmp_path)
+    model, reported, _ = train.build_model(str(tiny_model), train_params(**quant), torch.float32, LOG)
+    layers = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))]
+    assert reported == expected and len(layers) == 14  # 7 linear layers x 2 decoder layers
+    if quant["quantization_bit"] == 4:
+        assert {m.weight.quant_type for m in layers} == {"fp4"} and all(
+            m.weight.quant_state.nested is False for m in layers)
+    else:
+        assert all(isinstance(m, bnb.nn.Linear8bitLt) for m in layers)
+    out = run_train(tmp_path, tiny_model, tokenized, max_steps=10, **quant)
+    assert json.loads((out / "train_report.json").read_text())["quantization"] == expected
+    curve = losses(out)
+    assert sum(curve[-3:]) / 3 < curve[0] - 0.5

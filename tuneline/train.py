@@ -98,8 +98,9 @@ def build_model(base: str, params: dict, dtype, log):
             raise TunelineError(f"finetuning_type {method} trains the base weights themselves, which a "
                                 f"{params['quantization_bit']}-bit base cannot do: set quantization_bit: null, "
                                 "or use finetuning_type: lora (QLoRA).")
-        quant = {"bits": params["quantization_bit"], "type": params["quantization_type"],
-                 "double": params["double_quantization"]}
+        quant = {"bits": params["quantization_bit"]}
+        if params["quantization_bit"] == 4:  # type and double quantization are 4-bit options only
+            quant.update(type=params["quantization_type"], double=params["double_quantization"])
     model_dtype = dtype if torch.cuda.is_available() or dtype == torch.float32 else torch.float32
     model = load_causal_lm(base, model_dtype, quant)
     if method != "lora":
