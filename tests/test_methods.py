@@ -290,3 +290,13 @@ def test_8bit_and_fp4_bases_are_quantized_as_asked_and_train(tmp_path, tiny_mode
     assert json.loads((out / "train_report.json").read_text())["quantization"] == expected
     curve = losses(out)
     assert sum(curve[-3:]) / 3 < curve[0] - 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (QLoRA with bf16 compute)")
+def test_qlora_on_cuda_computes_in_bf16_with_a_paged_8bit_optimizer(tmp_path, tiny_model, tokenized, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = run_train(tmp_path, tiny_model, tokenized, quantization_bit=4, optim="paged_adamw_8bit", max_steps=10)
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["device"] == "cuda" and report["compute_dtype"] == "bfloat16"
+    curve = losses(out)
+    assert sum(curve[-3:]) / 3 < curve[0] - 0.5
