@@ -68,8 +68,10 @@ def encode_supervised(template: Template, example: dict, cutoff_len: int, train_
 
 
 def encode_text(tokenizer, text: str, cutoff_len: int) -> list[list[int]]:
-    """Pre-training: text + eos as windows of at most cutoff_len tokens."""
-    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    """Pre-training: (bos +) text + eos as windows of at most cutoff_len tokens; bos where the
+    tokenizer adds one (llama-style), as LLaMA-Factory does."""
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+    ids = bos + tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
     return [ids[i:i + cutoff_len] for i in range(0, len(ids), cutoff_len)]
 
 

@@ -319,15 +319,15 @@ class LabelledLogitsOnly:
 
 
 def make_collator(tokenizer, packing: bool, model=None):
-    """Packing: the batch as one row, position ids restarting per example (the models build a
-    block-diagonal attention mask from them) and the first label of each example masked, so no
-    example predicts from another. Otherwise: padded to the longest example of the batch. Either
-    way logits only where a label is, when the model's forward takes `logits_to_keep`."""
+    """Packing: the batch as one row, position ids restarting per example, the example boundaries
+    for modeling.packed_sdpa, and the first label of each example masked, so no example predicts
+    from another. Otherwise: padded to the longest example of the batch. Either way logits only
+    where a label is, when the model's forward takes `logits_to_keep`."""
     import inspect
 
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-    if packing:  # the sequence boundaries (cu_seq_lens) are for modeling.packed_sdpa
+    if packing:
         collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100,
                                               return_flash_attn_kwargs=True)
     else:
@@ -338,7 +338,7 @@ def make_collator(tokenizer, packing: bool, model=None):
     return collator
 
 
-def preference_trainer(model, args, params, tokenizer, train_ds, eval_ds, optimizers, base: str, dtype, log):
+def preference_trainer(model, args, params, tokenizer, train_ds, eval_ds, optimizers, base: str, log):
     """TRL's DPOTrainer on the pairs our tokenize rule wrote (prompt_ids/chosen_ids/rejected_ids,
     rendered with the pipeline's template). The reference model is the base: for LoRA the adapter
     switched off (TRL adds a frozen copy of the fresh adapter, removed before saving), for
@@ -361,7 +361,8 @@ def preference_trainer(model, args, params, tokenizer, train_ds, eval_ds, optimi
         log.info("stage dpo: packing does not apply (TRL's DPOTrainer pads each batch of pairs)")
     log.info("DPO: loss %s, beta %s%s; reference: %s", params["pref_loss"], params["pref_beta"],
              f", + {params['pref_ftx']} x SFT loss" if params["pref_ftx"] else "",
-             "the base model (adapter disabled)" if ref_model is None else "a frozen copy of the base model")
+             "the base model (through a frozen copy of the untrained adapter)" if ref_model is None
+             else "a frozen copy of the base model")
     return PretokenizedDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
                                   eval_dataset=eval_ds, processing_class=tokenizer, optimizers=optimizers)
 
@@ -432,7 +433,7 @@ def train(inputs, outputs, params, log, threads=1):
     eval_during = eval_ds if params["eval_strategy"] != "no" else None
     if params["stage"] == "dpo":
         trainer = preference_trainer(model, args, params, tokenizer, train_ds, eval_during, optimizers,
-                                     inputs["model"], dtype, log)
+                                     inputs["model"], log)
     else:
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
                           eval_dataset=eval_during, optimizers=optimizers)
