@@ -118,6 +118,9 @@ def test_dpo_with_lora_prefers_the_chosen_responses(tmp_path, tiny_model, pairs,
     assert cfg["peft_type"] == "LORA" and not (out / "ref").exists()  # TRL's reference copy is not saved
     report = json.loads((out / "train_report.json").read_text())
     assert report["stage"] == "dpo"
+    args = train.training_arguments(train_params(stage="dpo", pref_beta=0.3), tmp_path, torch.float32)
+    assert (type(args).__name__, args.beta, args.loss_type, args.gradient_checkpointing) == (
+        "DPOConfig", 0.3, ["sigmoid"], False)  # TRL's defaults (checkpointing on) do not leak in
     before = pair_margins(tiny_model, None, pairs / "tok")
     after = pair_margins(tiny_model, out, pairs / "tok")
     assert (after - before).mean() > 1.0 and (after > before).float().mean() >= 0.75

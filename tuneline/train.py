@@ -183,7 +183,9 @@ def training_arguments(params: dict, out_dir: Path, dtype):
         losses = [params["pref_loss"]] + (["sft"] if params["pref_ftx"] else [])
         args_class = DPOConfig
         extra = dict(beta=params["pref_beta"], loss_type=losses, max_length=None,
-                     loss_weights=[1.0, params["pref_ftx"]] if params["pref_ftx"] else None)
+                     loss_weights=[1.0, params["pref_ftx"]] if params["pref_ftx"] else None,
+                     # TRL's own default is True: ours (off, ~25% faster on CPU) holds for every stage
+                     gradient_checkpointing=params["gradient_checkpointing"])
     return args_class(
         output_dir=str(out_dir),
         per_device_train_batch_size=params["per_device_train_batch_size"],
