@@ -266,6 +266,7 @@ def test_packed_batch_has_the_unpacked_loss(tiny_model, tokenized, tokenizer):
     finally:
         use_packed_attention(model, on=False)
     assert abs(sliced - loss_padded) < 1e-5, (sliced, loss_padded)
+    assert model.config._attn_implementation == "sdpa"  # back to what it was loaded with, for saving
 
 
 @pytest.mark.parametrize("quant, expected", [
