@@ -132,13 +132,18 @@ def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, *
     return torch.cat(outputs, dim=1), None
 
 
+def base_of(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def use_packed_attention(model, on: bool = True) -> None:
     """Switch a (PEFT-wrapped) model to packed_sdpa for training, and back to the implementation
     it was loaded with for what is saved."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     if on:
         base.tuneline_loaded_attention = base.config._attn_implementation
         base.set_attn_implementation(PACKED_ATTENTION)

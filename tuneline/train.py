@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .errors import TunelineError
-from .modeling import compute_dtype, load_causal_lm, lora_targets, set_threads, use_packed_attention
+from .modeling import base_of, compute_dtype, load_causal_lm, lora_targets, set_threads, use_packed_attention
 from .provenance import sha256_path
 
 CHECKPOINT_ROOT = Path(".tuneline") / "checkpoints"
@@ -334,8 +334,7 @@ def make_collator(tokenizer, packing: bool, model=None):
                                               return_flash_attn_kwargs=True)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base is not None and "logits_to_keep" in inspect.signature(base.forward).parameters:
+    if model is not None and "logits_to_keep" in inspect.signature(base_of(model).forward).parameters:
         return LabelledLogitsOnly(collator)
     return collator
 
@@ -426,7 +425,6 @@ def train(inputs, outputs, params, log, threads=1):
     if params["report_to"] == "tensorboard":  # events beside the checkpoints; copied to the output at the end
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(ckpt / "runs")
     args = training_arguments(params, ckpt, dtype)
-    collator = make_collator(tokenizer, params["packing"], model)
     optimizers = (None, None)
     if params["loraplus_lr_ratio"]:
         if params["finetuning_type"] != "lora":
@@ -437,7 +435,8 @@ def train(inputs, outputs, params, log, threads=1):
         trainer = preference_trainer(model, args, params, tokenizer, train_ds, eval_during, optimizers,
                                      inputs["model"], log)
     else:
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds,
+                          data_collator=make_collator(tokenizer, params["packing"], model),
                           eval_dataset=eval_during, optimizers=optimizers)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
