@@ -65,7 +65,7 @@ def test_empty_after_filtering(tmp_path, tiny_model):
     work = make_workdir(tmp_path, tiny_model)
     odd = [{"conversations": [{"from": "human", "value": "hi"}]}]  # no response: invalid
     add_dataset(work, "odd", {"formatting": "sharegpt"}, "odd.json", json.dumps(odd))
-    fails(work, "results/data", "--config", "dataset=odd", expect=["no valid examples left in dataset(s) odd"])
+    fails(work, "results/data", "--config", "dataset=odd", expect=["dataset 'odd'", "1 of 1 records are invalid", "does not end with a response (record 1)"])
 
 
 def test_missing_model_path(tmp_path, tiny_model):
@@ -81,3 +81,85 @@ def test_lora_target_matching_nothing_lists_modules(tmp_path, tiny_model):
                   "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"])
     # the upstream artifacts are complete and kept; only train is planned again
     assert planned_jobs(work, "results/adapter", "--config", "lora_target=q_proj,qkv") == {"train"}
+
+
+# ---------------------------------------------------------------- records: nothing silently dropped or changed
+
+import logging  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+from tuneline import records  # noqa: E402
+from tuneline.config import rule_params  # noqa: E402
+from tuneline.errors import TunelineError  # noqa: E402
+from tuneline.registry import selected_entries  # noqa: E402
+
+LOG = logging.getLogger("test")
+
+
+def collect_file(tmp_path, content, entry=None, filename="d.json", stage="sft"):
+    if not isinstance(content, (str, bytes)):
+        content = json.dumps(content)
+    (tmp_path / filename).write_bytes(content if isinstance(content, bytes) else content.encode())
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"d": {"file_name": filename, **(entry or {})}}))
+    keys = rule_params({"dataset_dir": str(tmp_path), "dataset": "d", "stage": stage}, "prepare_data")
+    return records.collect(selected_entries(str(tmp_path), "d"), LOG,
+                           **{k: keys[k] for k in records.COLLECT_KEYS})
+
+
+def test_alpaca_records_without_a_usable_instruction_are_counted_not_trained_as_empty_prompts(tmp_path):
+    bad = [{"output": "a"}, {"instruction": None, "output": "a"}, {"instruction": ["x"], "output": "a"}] * 10
+    with pytest.raises(TunelineError, match=r"'d' .*d\.json\): 30 of 30 records are invalid .*empty prompt "
+                                            r"\(instruction and input missing, null or empty\) \(records 1, 2, 4, 5"):
+        collect_file(tmp_path, bad)
+
+
+def test_converted_and_dropped_records_are_counted_with_record_numbers(tmp_path, caplog):
+    rows = [{"instruction": "q", "output": "a"}, {"instruction": 7, "input": 3, "output": "a"},
+            {"instruction": ["x"], "output": "a"}, {"instruction": "q2", "output": "b"}]
+    with caplog.at_level(logging.WARNING, logger="test"):
+        examples, stats = collect_file(tmp_path, rows)
+    assert [e["messages"][0]["content"] for e in examples] == ["q", "7\n3", "q2"]
+    assert stats["invalid"] == 1
+    assert "converted values in 1 records: 1 instruction: number converted to text (record 2); " \
+           "1 input: number converted to text (record 2)" in caplog.text
+    assert "dropped 1 of 4 records: 1 instruction is a list, not text (record 3)" in caplog.text
+
+
+@pytest.mark.parametrize("message", ["hello", None])
+def test_a_sharegpt_message_that_is_not_an_object_is_dropped_with_a_count(tmp_path, caplog, message):
+    good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    bad = {"conversations": [message, {"from": "gpt", "value": "yo"}]}
+    with caplog.at_level(logging.WARNING, logger="test"):
+        other = {"conversations": [{"from": "human", "value": "ho"}, {"from": "gpt", "value": "yo"}]}
+        examples, _ = collect_file(tmp_path, [good, other, bad], {"formatting": "sharegpt"})
+    assert len(examples) == 2 and "1 a message in conversations is not an object (record 3)" in caplog.text
+
+
+def test_an_empty_data_file_is_named(tmp_path):
+    with pytest.raises(TunelineError, match=r"dataset 'd': .*d\.json holds no records \(the file is empty\)"):
+        collect_file(tmp_path, "")
+
+
+def test_invalid_utf8_names_the_file_and_byte(tmp_path):
+    with pytest.raises(TunelineError, match=r"d\.json: not valid UTF-8 at byte 18"):
+        collect_file(tmp_path, b'[{"instruction": "\xff"}]')
+
+
+def test_every_rule_that_collects_records_has_the_keys_it_needs():
+    # export_gptq once raised KeyError: 'stage' whenever export_quantization_dataset was set
+    for rule in ("prepare_data", "prepare_eval_data", "export_gptq"):
+        assert set(records.COLLECT_KEYS) <= set(rule_params({}, rule)), rule
+
+
+@pytest.mark.parametrize("stage,dataset", [("sft", "identity"), ("pt", "c4_demo")])
+def test_gptq_calibration_set_from_the_registry_on_cpu(tokenizer, stage, dataset):
+    from conftest import LF_DATA
+    from tuneline import export_gptq
+    from tuneline.templates import get_template
+
+    params = rule_params({"dataset_dir": str(LF_DATA), "stage": stage, "export_quantization_dataset": dataset,
+                          "max_samples": 16}, "export_gptq")
+    params["entries"] = selected_entries(str(LF_DATA), dataset)
+    examples = export_gptq.load_examples({}, params, LOG)
+    texts = export_gptq.calibration_texts(examples, get_template(None, tokenizer, None, LOG), tokenizer, 8, 64, 0, LOG)
+    assert len(texts) == 8 and all(t.strip() for t in texts)

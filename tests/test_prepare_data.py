@@ -7,6 +7,7 @@ import pytest
 
 from conftest import LF_DATA, REPO
 from tuneline import prepare_data as pd_
+from tuneline import records as rec
 from tuneline.errors import TunelineError
 from tuneline.registry import selected_entries
 
@@ -120,8 +121,8 @@ lf = pytest.mark.skipif(not (LF_DATA / "dataset_info.json").is_file(), reason=".
                                             ("glaive_toolcall_en_demo", 250)])
 def test_llamafactory_demo_data_as_is(name, at_least):
     entry = selected_entries(str(LF_DATA), name)[name]
-    records = pd_.load_records(name, entry, str(LF_DATA), LOG)
-    examples = pd_.convert(name, entry, records, LOG)
+    records = rec.load_records(name, entry, str(LF_DATA), LOG)
+    examples = rec.convert(name, entry, records, LOG)
     assert len(examples) >= at_least
     assert all(ex["messages"][-1]["role"] == "assistant" for ex in examples)
 
@@ -130,7 +131,7 @@ def test_llamafactory_demo_data_as_is(name, at_least):
 def test_llamafactory_entries_we_cannot_use_fail_clearly():
     entry = selected_entries(str(LF_DATA), "dpo_en_demo")["dpo_en_demo"]
     with pytest.raises(TunelineError, match="preference dataset"):
-        pd_.convert("dpo_en_demo", entry, pd_.load_records("dpo_en_demo", entry, str(LF_DATA), LOG), LOG)
+        rec.convert("dpo_en_demo", entry, rec.load_records("dpo_en_demo", entry, str(LF_DATA), LOG), LOG)
     with pytest.raises(TunelineError, match="mllm_demo.*does not exist"):
         from tuneline.registry import data_files
         data_files(str(LF_DATA), selected_entries(str(LF_DATA), "mllm_demo"))

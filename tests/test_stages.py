@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from conftest import LF_DATA, REPO, make_tokenized, make_workdir, planned_jobs, snakemake, train_params
-from tuneline import prepare_data, prepare_eval_data, tokenize, train
+from tuneline import prepare_data, prepare_eval_data, records, tokenize, train
 from tuneline.config import check_values, rule_params
 from tuneline.errors import TunelineError
 from tuneline.jsonl import read_jsonl
@@ -60,9 +60,9 @@ def test_pt_rejects_conversation_and_preference_data():
     params = {"dataset_dir": str(LF_DATA), "max_samples": 2, "identity_name": "", "identity_author": "",
               "stage": "pt"}
     with pytest.raises(TunelineError, match="'dpo_en_demo' is a preference dataset .* set stage: dpo"):
-        prepare_data.collect(selected_entries(str(LF_DATA), "dpo_en_demo"), params, LOG)
+        records.collect(selected_entries(str(LF_DATA), "dpo_en_demo"), LOG, **params)
     with pytest.raises(TunelineError, match="'glaive_toolcall_en_demo': stage pt reads raw text"):
-        prepare_data.collect(selected_entries(str(LF_DATA), "glaive_toolcall_en_demo"), params, LOG)
+        records.collect(selected_entries(str(LF_DATA), "glaive_toolcall_en_demo"), LOG, **params)
 
 
 # ---------------------------------------------------------------- dpo

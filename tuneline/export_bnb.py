@@ -25,7 +25,7 @@ RELOAD_TOLERANCE = 1e-4  # the reloaded folder vs the model that was saved: bit-
 
 
 def main(inputs, outputs, params, log, threads=1):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     set_threads(threads)
     bits = int(params["bits"])
@@ -53,7 +53,7 @@ def main(inputs, outputs, params, log, threads=1):
     del model
 
     log.info("reloading %s", out)
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, use_safetensors=True).eval()
+    reloaded = load_causal_lm(out, dtype).eval()  # its config.json carries the quantization
     mine = behaviour(reloaded, template, tokenizer)  # generated once, compared twice
     reload_check = compare_to(in_memory, mine)
     vs_merged = compare_to(reference, mine)

@@ -47,8 +47,11 @@ def calibration_texts(examples: list[dict], template, tokenizer, nsamples: int, 
     chosen = random.Random(seed).sample(examples, min(nsamples, len(examples)))
     texts, cut = [], 0
     for ex in chosen:
-        ids = [i for s, t in template.encode_turns(ex["messages"], ex.get("system", ""), ex.get("tools", ""))
-               for i in s + t]
+        if "text" in ex:  # stage pt: raw text, as training saw it
+            ids = tokenizer(ex["text"], add_special_tokens=False)["input_ids"]
+        else:
+            ids = [i for s, t in template.encode_turns(ex["messages"], ex.get("system", ""), ex.get("tools", ""))
+                   for i in s + t]
         if len(ids) > maxlen:
             cut += 1
             ids = ids[:maxlen]
@@ -61,9 +64,9 @@ def calibration_texts(examples: list[dict], template, tokenizer, nsamples: int, 
 def load_examples(inputs: dict, params: dict, log) -> list[dict]:
     if inputs.get("data"):
         return read_jsonl(Path(inputs["data"]) / "train.jsonl")
-    from .prepare_data import collect
+    from .records import collect_for
 
-    return collect(params["entries"], params, log)[0]
+    return collect_for(params, log)[0]
 
 
 def main(inputs, outputs, params, log, threads=1):

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 from .errors import TunelineError
+
+# bitsandbytes looks for an optional CPU kernel package (`kernels`) when it is imported on a CPU with
+# AVX-512 bf16, and warns when it is missing. Tuneline never uses that kernel (see
+# standard_4bit_layout), so the warning is noise: keep it out of every rule's log.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# PEFT and TRL read transformers 5's deprecated `is_gradient_checkpointing` property on every model they
+# wrap; the FutureWarning is addressed to them, not to a Tuneline user.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# TRL's DPOConfig still declares the field by its transformers 4 name (gradient_checkpointing)
+warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def device_supports_bf16() -> bool:
@@ -61,7 +74,30 @@ def load_causal_lm(path, dtype, quantization: dict | None = None):
     if bnb is not None:
         kwargs["quantization_config"] = bnb
         kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
+    return standard_4bit_layout(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                                      **kwargs))
+
+
+def standard_4bit_layout(model):
+    """Keep bitsandbytes' 4-bit weights in their standard layout on every CPU.
+
+    On a CPU with AVX-512 bf16, bitsandbytes (0.48+) rewrites each 4-bit weight into a packed
+    layout at its first eval-mode forward pass and computes in bf16 from then on. `dequantize()`
+    does not undo that layout: a QLoRA merge into the dequantized base after a check forward pass
+    saved a garbage model (issue 13), and saving re-quantizes the statistics lossily. Turning the
+    repacking off makes 4-bit layers compute the same way on every CPU (dequantize, matmul in the
+    compute dtype): slower inference on such CPUs, the same numbers everywhere.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def packed_4bit_weights(model) -> list[str]:
+    """Names of 4-bit layers whose weights bitsandbytes rewrote into its CPU-only packed layout."""
+    return [name for name, module in model.named_modules()
+            if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
 
 
 def set_threads(threads: int) -> None:

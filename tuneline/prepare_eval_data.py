@@ -6,9 +6,10 @@ prepare_data reads `dataset`, so the same registry, formats and placeholders app
 
 from __future__ import annotations
 
-from .prepare_data import collect, write_splits
+from .prepare_data import write_splits
+from .records import collect_for
 
 
 def main(inputs, outputs, params, log, threads=1):
-    examples, stats = collect(params["entries"], params, log)
+    examples, stats = collect_for(params, log)
     return write_splits(outputs["data"], [], examples, stats, log)

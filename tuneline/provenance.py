@@ -13,7 +13,8 @@ PACKAGES = (
     "tuneline", "torch", "transformers", "peft", "bitsandbytes", "accelerate",
     "datasets", "tokenizers", "safetensors", "gguf", "snakemake",
 )
-FILENAME = "provenance.json"
+FILENAME = "provenance.json"  # inside a folder artifact
+SIDECAR_GLOB = ".*.provenance.json"  # beside a file artifact: .<name>.provenance.json
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -48,14 +49,48 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def write(out_dir: str | Path, rule: str, params: dict, inputs: dict, extra: dict | None = None):
-    """`inputs` maps names to a path or a list of paths (Snakemake's named inputs)."""
+def record_path(artifact: str | Path) -> Path:
+    """Where an artifact's provenance lives: inside a folder, beside a file."""
+    artifact = Path(artifact)
+    return artifact / FILENAME if artifact.is_dir() else artifact.with_name(f".{artifact.name}.provenance.json")
+
+
+def artifact_of(record: Path) -> Path:
+    if record.name == FILENAME:
+        return record.parent
+    return record.with_name(record.name.removeprefix(".").removesuffix(".provenance.json"))
+
+
+def read_inputs(record: Path) -> list[str] | None:
+    """The input paths a provenance record names (None for an unreadable record)."""
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        return [entry["path"] for entries in data.get("inputs", {}).values() for entry in entries]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def remove_record(artifact: Path) -> None:
+    sidecar = artifact.with_name(f".{artifact.name}.provenance.json")
+    if sidecar.is_file():
+        sidecar.unlink()
+
+
+def write(out: str | Path, rule: str, params: dict, inputs: dict, extra: dict | None = None,
+          artifact: str | Path | None = None):
+    """The record of `out` (a folder, or a file: its record goes beside it, named after `artifact`,
+    the final name of a staged output). `inputs` maps names to a path or a list of paths."""
 
     def paths(value):
         return [value] if isinstance(value, (str, Path)) else list(value)
 
+    out = Path(out)
+    if not out.exists():
+        return None
+    artifact = Path(artifact or out)
     record = {
         "rule": rule,
+        "artifact": str(artifact),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": params,
         "inputs": {name: [{"path": str(p), "sha256": sha256_path(p)} for p in paths(v)] for name, v in inputs.items()},
@@ -63,6 +98,6 @@ def write(out_dir: str | Path, rule: str, params: dict, inputs: dict, extra: dic
     }
     if extra:
         record.update(extra)
-    out = Path(out_dir) / FILENAME
-    out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    target = out / FILENAME if out.is_dir() else artifact.with_name(f".{artifact.name}.provenance.json")
+    target.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return record
