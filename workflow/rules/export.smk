@@ -84,13 +84,22 @@ if config["export_format"] == "bnb" and config["export_quantization_bit"] not in
 
 
 if config["export_dir"]:
+    from tuneline.export import check_target
+
+    try:  # before any job: Snakemake empties an output folder before its job runs
+        EXPORT_DIR = check_target(config["export_dir"], roots=[workflow.basedir, os.getcwd()],
+                                  owned=["results", "logs", ".snakemake", ".tuneline", config["dataset_dir"]]
+                                  + [os.path.join(workflow.basedir, d) for d in ("resources", "config", "workflow",
+                                                                                 "scripts", "tuneline", "tests")])
+    except TunelineError as err:
+        raise WorkflowError(str(err)) from None
 
     rule export:
         """The export_format result, copied to export_dir."""
         input:
             chosen=chosen_export(),
         output:
-            export=directory(config["export_dir"]),
+            export=directory(EXPORT_DIR),
         log:
             "logs/export.log",
         benchmark:
