@@ -75,3 +75,32 @@ def test_shipped_config_is_valid():
 @pytest.mark.parametrize("doc", ["docs/config.md", "README.md"])
 def test_docs_key_table_is_generated_from_the_schema(doc):
     assert c.docs_block() in (REPO / doc).read_text(), f"{doc} is stale: run `tuneline keys --write`"
+
+
+def test_optim_names_are_the_locked_transformers_ones_and_checked_before_any_job():
+    from transformers.training_args import OptimizerNames
+
+    from tuneline.config import check_values, keys
+
+    assert keys()["optim"]["enum"] == [o.value for o in OptimizerNames]
+    with pytest.raises(TunelineError, match="config key 'optim' = 'bogus'.*adamw_torch"):
+        check_values({"optim": "bogus"})
+
+
+def test_yaml_numbers_as_llamafactory_users_write_them():
+    from tuneline.config import check_values, coerce_cli_values
+
+    config = yaml.safe_load("learning_rate: 5e-5\nweight_decay: 1e-2\nmax_grad_norm: 1.0\n")
+    assert config["learning_rate"] == "5e-5"  # PyYAML (YAML 1.1) reads it as a string
+    coerce_cli_values(config)
+    assert config == {"learning_rate": 5e-5, "weight_decay": 0.01, "max_grad_norm": 1.0}
+    check_values(config)
+
+
+def test_a_missing_deepspeed_file_is_an_error(tmp_path):
+    from tuneline.config import check_files
+
+    with pytest.raises(TunelineError, match="'deepspeed' = 'ds.json': no such file"):
+        check_files({"deepspeed": "ds.json"})
+    (tmp_path / "ds.json").write_text("{}")
+    check_files({"deepspeed": str(tmp_path / "ds.json")})

@@ -50,7 +50,8 @@ def check_unknown_keys(config: dict, schema: dict | None = None) -> None:
 
 def coerce_cli_values(config: dict, schema: dict | None = None) -> None:
     """`--config train_on_prompt=true` arrives as the string 'true': read such strings as YAML
-    (true, false, null, numbers) for keys whose type is not a string."""
+    (true, false, null, numbers) for keys whose type is not a string. Config files too: PyYAML
+    reads `learning_rate: 5e-5` as a string, and it is taken as the number it means."""
     json_types = {bool: "boolean", int: "integer", float: "number", type(None): "null"}
     for key, spec in keys(schema).items():
         value = config.get(key)
@@ -61,6 +62,11 @@ def coerce_cli_values(config: dict, schema: dict | None = None) -> None:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             continue
+        if isinstance(parsed, str) and "number" in types:
+            try:  # YAML 1.1 reads 5e-5 (no dot) as a string; LLaMA-Factory users write it
+                parsed = float(parsed)
+            except ValueError:
+                pass
         kind = json_types.get(type(parsed))
         if kind in types or (kind == "integer" and "number" in types):
             config[key] = parsed
@@ -91,6 +97,16 @@ def check_values(config: dict, schema: dict | None = None) -> None:
         problems.append(f"config key '{key}' = {config.get(key)!r}: {err.message}.{hint}")
     if problems:
         raise TunelineError(" ".join(problems) + " See docs/config.md.")
+
+
+def check_files(config: dict) -> None:
+    """Keys that name a file must name one that exists (checked before any job)."""
+    import os
+
+    path = config.get("deepspeed")
+    if path and not os.path.isfile(os.path.expanduser(path)):
+        raise TunelineError(f"config key 'deepspeed' = {path!r}: no such file. Give the path of a DeepSpeed JSON "
+                            "config (relative to the working directory), or leave the key unset.")
 
 
 def rule_keys(rule: str, schema: dict | None = None) -> list[str]:

@@ -156,7 +156,7 @@ def loraplus_optimizer(model, args, params: dict):
 def distributed_arguments(params: dict, cuda: bool) -> dict:
     """The Trainer's multi-process options: none for a single process."""
     if world_size(params) == 1:
-        return {}
+        return {}  # deepspeed / fsdp: train() logs that they are not used
     find_unused = params["ddp_find_unused_parameters"]
     return {
         "ddp_backend": params["ddp_backend"] or ("nccl" if cuda else "gloo"),
@@ -396,6 +396,10 @@ def train(inputs, outputs, params, log, threads=1):
 
     set_threads(threads)
     set_seed(params["seed"])
+    unused = [k for k in ("deepspeed", "fsdp") if params[k] and world_size(params) == 1]
+    if unused:
+        log.warning("%s: not used in a single-process run (nproc_per_node x nnodes = 1); train_report.json "
+                    "records what was used under `distributed`", " and ".join(unused))
     dtype = compute_dtype(params["bf16"], params["fp16"], log)
     tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
     if tokenizer.pad_token is None:
@@ -482,6 +486,8 @@ def train(inputs, outputs, params, log, threads=1):
         "compute_dtype": str(dtype).replace("torch.", ""),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "processes": world_size(params),
+        "distributed": {k: v for k, v in distributed_arguments(params, torch.cuda.is_available()).items()
+                        if k in ("deepspeed", "fsdp") and v},
         "resumed_from": Path(resume).name if resume else None,
         "lora_target_modules" if params["finetuning_type"] == "lora" else "trained_parameters": targets,
         "global_steps": trainer.state.global_step,

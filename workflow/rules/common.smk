@@ -4,7 +4,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from tuneline import registry
-from tuneline.config import (SCHEMA_PATH, check_unknown_keys, check_values, coerce_cli_values, launch_settings,
+from tuneline.config import (SCHEMA_PATH, check_files, check_unknown_keys, check_values, coerce_cli_values, launch_settings,
                              rule_params, rule_resources)
 from tuneline.errors import TunelineError
 
@@ -12,6 +12,7 @@ try:
     check_unknown_keys(config)
     coerce_cli_values(config)
     check_values(config)
+    check_files(config)
 except TunelineError as err:
     raise WorkflowError(str(err)) from None
 
