@@ -126,3 +126,20 @@ def test_the_venv_holds_exactly_the_locked_versions():
     assert {"torch", "transformers", "bitsandbytes", "peft", "trl", "snakemake"} <= set(pins)
     differ = {n: (pins.get(n), have.get(n)) for n in set(pins) | set(have) if pins.get(n) != have.get(n)}
     assert not differ, f"name: (locked, installed) — run `make install`, or `make lock` to move the lock: {differ}"
+
+
+def test_no_rule_module_imports_another_rule_module():
+    # shared logic lives in shared modules (records, generation, verify, modeling): a rule module
+    # reaching into another rule's module is how export_gptq came to read a key it did not have
+    import ast
+    import re
+
+    rules = set(re.findall(r"^\s*rule (\w+):", "\n".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk")),
+                           flags=re.M))
+    offenders = []
+    for path in (REPO / "tuneline").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module in rules:
+                if path.stem in rules or path.stem in ("chat",):
+                    offenders.append(f"{path.stem} imports {node.module}")
+    assert not offenders, offenders

@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import defaults
 from .errors import TunelineError
 from .modeling import load_for_inference, pad_id
-from .predict import GENERATION_KEYS
+from .generation import GENERATION_KEYS
 from .templates import load_template
 
 

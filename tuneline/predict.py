@@ -10,20 +10,10 @@ import json
 from pathlib import Path
 
 from .errors import TunelineError
+from .generation import generation_kwargs
 from .jsonl import read_jsonl, write_jsonl
 from .modeling import load_for_inference, pad_id, set_threads
 from .templates import from_description
-
-GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty")
-
-
-def generation_kwargs(params: dict) -> dict:
-    kwargs = {k: params[k] for k in GENERATION_KEYS if k in params}
-    if not kwargs.get("do_sample"):
-        for key in ("temperature", "top_p", "top_k"):
-            kwargs.pop(key, None)  # greedy: sampling knobs would only raise warnings
-    return kwargs
-
 
 def generate(model, tokenizer, template, examples: list[dict], params: dict, log) -> list[dict]:
     import torch

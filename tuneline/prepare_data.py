@@ -3,13 +3,8 @@ reads and converts them; this rule splits and writes)."""
 
 from __future__ import annotations
 
-import json
-from collections import Counter
-from pathlib import Path
-
 from .errors import TunelineError
-from .jsonl import write_jsonl
-from .records import collect_for
+from .records import collect_for, write_splits
 
 
 def split(examples: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -24,17 +19,6 @@ def split(examples: list[dict], val_size: float, seed: int) -> tuple[list[dict],
 
     parts = datasets.Dataset.from_list(examples).train_test_split(test_size=n_val, seed=seed, shuffle=True)
     return parts["train"].to_list(), parts["test"].to_list()
-
-
-def write_splits(out_dir: str, train: list[dict], val: list[dict], stats: Counter, log) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "train.jsonl", train)
-    write_jsonl(out / "validation.jsonl", val)
-    stats.update(train=len(train), validation=len(val))
-    (out / "stats.json").write_text(json.dumps(dict(stats), indent=2) + "\n")
-    log.info("wrote %d training and %d validation examples to %s", len(train), len(val), out)
-    return {"stats": dict(stats)}
 
 
 def main(inputs, outputs, params, log, threads=1):

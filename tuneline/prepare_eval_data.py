@@ -6,8 +6,7 @@ prepare_data reads `dataset`, so the same registry, formats and placeholders app
 
 from __future__ import annotations
 
-from .prepare_data import write_splits
-from .records import collect_for
+from .records import collect_for, write_splits
 
 
 def main(inputs, outputs, params, log, threads=1):

@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import TunelineError
+from .jsonl import write_jsonl
 from .registry import DATA_EXTENSIONS, local_source
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None,
@@ -385,3 +386,14 @@ def collect(entries: dict, log, *, dataset_dir: str, stage: str, max_samples: in
             f"filtering ({dict(stats)}). Check the registry's formatting/columns/tags for these datasets."
         )
     return examples, stats
+
+
+def write_splits(out_dir: str, train: list[dict], val: list[dict], stats: Counter, log) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "validation.jsonl", val)
+    stats.update(train=len(train), validation=len(val))
+    (out / "stats.json").write_text(json.dumps(dict(stats), indent=2) + "\n")
+    log.info("wrote %d training and %d validation examples to %s", len(train), len(val), out)
+    return {"stats": dict(stats)}

@@ -186,4 +186,10 @@ def main(inputs, outputs, params, log, threads=1):
             datasets.Dataset.from_dict(columns).save_to_disk(str(out / split))
     (out / "template.json").write_text(json.dumps(template.describe(), indent=2, ensure_ascii=False) + "\n")
     (out / "stats.json").write_text(json.dumps(all_stats, indent=2) + "\n")
+    for split, stats in all_stats.items():  # gate: most of a split lost to truncation is a config error
+        dropped = stats.get("dropped_no_labels", 0)
+        if dropped * 2 > dropped + stats["examples"]:
+            raise TunelineError(f"{split}: {dropped} of {dropped + stats['examples']} examples had no response "
+                                f"token left after truncation to cutoff_len={params['cutoff_len']} (stats.json): "
+                                "raise cutoff_len.")
     return {"stats": all_stats, "template": template.name}

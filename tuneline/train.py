@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -497,6 +498,10 @@ def train(inputs, outputs, params, log, threads=1):
         "metrics": metrics,
     }
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    losses = [h["loss"] for h in history if "loss" in h] + [metrics.get("train_loss", 0.0), metrics.get("eval_loss", 0.0)]
+    if not all(math.isfinite(x) for x in losses):  # gate: a NaN/inf loss trained nothing usable
+        raise TunelineError("training loss became NaN or infinite (loss_history.json, train_report.json): lower "
+                            "learning_rate, or compute in fp32 (bf16: false, fp16: false).")
     log.info("trained %d steps in %.0f s (%.0f real tokens/s); final loss %.4f",
              trainer.state.global_step, seconds, report["real_tokens_per_second"], metrics.get("train_loss", float("nan")))
     shutil.rmtree(ckpt, ignore_errors=True)
