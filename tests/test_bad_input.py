@@ -163,3 +163,36 @@ def test_gptq_calibration_set_from_the_registry_on_cpu(tokenizer, stage, dataset
     examples = export_gptq.load_examples({}, params, LOG)
     texts = export_gptq.calibration_texts(examples, get_template(None, tokenizer, None, LOG), tokenizer, 8, 64, 0, LOG)
     assert len(texts) == 8 and all(t.strip() for t in texts)
+
+
+def test_registry_entries_that_are_not_objects_or_lack_file_name_are_named(tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"s": "s.json", "n": {"formatting": "alpaca"}}))
+    with pytest.raises(TunelineError, match=r"dataset 's' in .*dataset_info.json is a str, not an object"):
+        selected_entries(str(tmp_path), "s")
+    with pytest.raises(TunelineError, match=r"dataset 'n' in .*dataset_info.json has neither file_name nor a hub"):
+        selected_entries(str(tmp_path), "n")
+
+
+def test_a_data_file_outside_dataset_dir_is_logged(tmp_path, caplog):
+    (tmp_path / "reg").mkdir()
+    (tmp_path / "outside.json").write_text(json.dumps([{"instruction": "q", "output": "a"}]))
+    (tmp_path / "reg" / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "../outside.json"}}))
+    keys = rule_params({"dataset_dir": str(tmp_path / "reg"), "dataset": "d"}, "prepare_data")
+    with caplog.at_level(logging.INFO, logger="test"):
+        records.collect(selected_entries(str(tmp_path / "reg"), "d"), LOG, **{k: keys[k] for k in records.COLLECT_KEYS})
+    assert "dataset 'd': file_name '../outside.json' lies outside dataset_dir" in caplog.text
+
+
+def test_chat_refuses_a_pickle_only_model_folder_with_a_message(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    proc = subprocess.run([str(Path(sys.executable).parent / "tuneline"), "chat", str(folder), "--prompt", "hi"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "holds only pickle weights (pytorch_model.bin): Tuneline loads safetensors only" in proc.stderr

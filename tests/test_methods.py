@@ -200,6 +200,9 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterru
     assert report["resumed_from"] in {"checkpoint-10", "checkpoint-15", "checkpoint-20", "checkpoint-25",
                                       "checkpoint-30", "checkpoint-35"}
     assert report["global_steps"] == 40
+    # train_loss is the whole run's mean, not only the resumed steps'
+    straight_report = json.loads((straight / "results" / "adapter" / "train_report.json").read_text())
+    assert abs(report["metrics"]["train_loss"] - straight_report["metrics"]["train_loss"]) < 1e-3
     a = load_file(straight / "results" / "adapter" / "adapter_model.safetensors")
     b = load_file(work / "results" / "adapter" / "adapter_model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -86,3 +86,16 @@ def test_unknown_template_lists_the_known_ones(tokenizer):
 def test_schema_allows_exactly_the_known_templates():
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     assert sorted(v for v in schema["properties"]["template"]["enum"] if v) == available()
+
+
+def test_a_template_whose_special_tokens_the_tokenizer_lacks_is_warned_about(tokenizer, caplog):
+    import logging
+
+    from tuneline.templates import get_template
+
+    log = logging.getLogger("test")
+    with caplog.at_level(logging.WARNING, logger="test"):
+        get_template("chatml", tokenizer, None, log)
+        assert "not a token" not in caplog.text  # <|im_start|>/<|im_end|> are the tiny tokenizer's own
+        get_template("llama3", tokenizer, None, log)
+    assert "template llama3: <|start_header_id|>, <|end_header_id|>, <|eot_id|> are not tokens of this tokenizer" in caplog.text

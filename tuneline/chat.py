@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .config import defaults
 from .errors import TunelineError
-from .modeling import load_for_inference, pad_id
-from .generation import GENERATION_KEYS
+from .modeling import load_for_inference, pad_id, require_safetensors
+from .generation import generation_kwargs
 from .templates import load_template
 
 
@@ -32,17 +32,14 @@ class Chat:
                                                               dtype=torch.float32).eval()
             path = path.parent
         elif (path / "config.json").is_file():
+            require_safetensors(path)
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = load_for_inference(path)
         else:
             raise TunelineError(f"{model_dir} is neither a model folder (no config.json) nor a .gguf file; run "
                                 f"`snakemake --cores 4 results/merged_model` first, or give a model folder or GGUF.")
         self.template = load_template(path, self.tokenizer)
-        gen = {k: v for k, v in defaults().items() if k in GENERATION_KEYS}
-        gen.update(generation or {})
-        if not gen["do_sample"]:
-            gen = {k: v for k, v in gen.items() if k not in ("temperature", "top_p", "top_k")}
-        self.generation = gen
+        self.generation = generation_kwargs({**defaults(), **(generation or {})})
         self.system = system
         self.history: list[dict] = []
 

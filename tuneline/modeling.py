@@ -68,6 +68,7 @@ def load_causal_lm(path, dtype, quantization: dict | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    require_safetensors(path)
     q = quantization or {}
     kwargs = {}
     bnb = bnb_config(q.get("bits"), q.get("type", "nf4"), q.get("double", True), dtype)
@@ -76,6 +77,19 @@ def load_causal_lm(path, dtype, quantization: dict | None = None):
         kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     return standard_4bit_layout(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                                       **kwargs))
+
+
+def require_safetensors(path) -> None:
+    """A local model folder must hold safetensors weights: pickle files (.bin, .pt) can run code on load."""
+    from pathlib import Path
+
+    folder = Path(path)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        what = f"only pickle weights ({', '.join(pickles)})" if pickles else "no model weights"
+        raise TunelineError(f"{folder} holds {what}: Tuneline loads safetensors only (a pickle file can run code "
+                            "when loaded). Convert it once with transformers (`model.save_pretrained(dir, "
+                            "safe_serialization=True)` in a trusted environment), then point to the new folder.")
 
 
 def standard_4bit_layout(model):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import TunelineError
 from .jsonl import write_jsonl
-from .registry import DATA_EXTENSIONS, local_source
+from .registry import DATA_EXTENSIONS, local_source, outside_dataset_dir
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None,
                   "system": None, "tools": None, "chosen": None, "rejected": None}
@@ -364,6 +364,8 @@ def collect(entries: dict, log, *, dataset_dir: str, stage: str, max_samples: in
     """Read, convert, cut (max_samples), fill placeholders and deduplicate the named datasets."""
     stats = Counter()
     examples = []
+    for note in outside_dataset_dir(dataset_dir, entries):
+        log.info("%s", note)
     for name, entry in entries.items():
         records = load_records(name, entry, dataset_dir, log)
         converted = convert(name, entry, records, log, stage, str(local_source(dataset_dir, entry) or ""))

@@ -60,8 +60,25 @@ def selected_entries(dataset_dir: str, dataset: str) -> dict[str, dict]:
                 f"unknown dataset '{name}' (config key 'dataset'): {Path(dataset_dir) / REGISTRY} registers "
                 f"{', '.join(sorted(registry))}.{hint}"
             )
-        entries[name] = registry[name]
+        entry = registry[name]
+        if not isinstance(entry, dict):
+            raise TunelineError(
+                f"dataset '{name}' in {Path(dataset_dir) / REGISTRY} is a {type(entry).__name__}, not an object: "
+                f'write it as "{name}": {{"file_name": "..."}} (LLaMA-Factory\'s format).'
+            )
+        if not entry.get("file_name") and not any(entry.get(k) for k in HUB_SOURCES):
+            raise TunelineError(f"dataset '{name}' in {Path(dataset_dir) / REGISTRY} has neither file_name nor a hub "
+                                f"source ({', '.join(HUB_SOURCES)}): add \"file_name\" with its data file.")
+        entries[name] = entry
     return entries
+
+
+def outside_dataset_dir(dataset_dir: str, entries: dict[str, dict]) -> list[str]:
+    """Entries whose file_name leaves dataset_dir (`../`, an absolute path): allowed, and said in the log."""
+    root = Path(dataset_dir).resolve()
+    return [f"dataset '{name}': file_name {entry['file_name']!r} lies outside dataset_dir ({src.resolve()})"
+            for name, entry in entries.items()
+            if (src := local_source(dataset_dir, entry)) is not None and not src.resolve().is_relative_to(root)]
 
 
 def local_source(dataset_dir: str, entry: dict) -> Path | None:

@@ -264,7 +264,24 @@ def get_template(name: str | None, tokenizer, default_system: str | None = None,
     if name not in SLOT_TEMPLATES:
         raise TunelineError(f"unknown template '{name}' (config key `template`); available: {', '.join(available())}, "
                             "or leave it unset to use the tokenizer's own chat_template.")
+    missing = foreign_special_tokens(SLOT_TEMPLATES[name], tokenizer)
+    if missing and log:
+        log.warning("template %s: %s %s of this tokenizer, so the model learns %s as plain-text pieces; "
+                    "a template made for this model (or `template` unset: the tokenizer's own chat_template) "
+                    "avoids that", name, ", ".join(missing), "is not a token" if len(missing) == 1 else "are not tokens",
+                    "it" if len(missing) == 1 else "them")
     return SlotRenderer(tokenizer, SLOT_TEMPLATES[name], default_system)
+
+
+def foreign_special_tokens(slots: SlotTemplate, tokenizer) -> list[str]:
+    """Special-token markers a template writes (`<|...|>`, `<start_of_turn>`-style) that the tokenizer
+    does not have as single tokens (`<bos>`/`<eos>` stand for the tokenizer's own)."""
+    import re
+
+    text = " ".join([slots.user, slots.assistant, slots.system, slots.observation or "", slots.prefix])
+    marks = dict.fromkeys(re.findall(r"<\|[^|<>\s]+\|>|<[a-z_]+_of_turn>|\[/?INST\]", text))
+    vocab = tokenizer.get_vocab()
+    return [m for m in marks if m not in vocab]
 
 
 def from_description(desc: dict, tokenizer) -> Template:

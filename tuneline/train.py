@@ -447,6 +447,10 @@ def train(inputs, outputs, params, log, threads=1):
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     metrics = dict(result.metrics)
+    if resume:  # the Trainer's train_loss covers only the steps of this process: recompute it over the whole run
+        metrics["train_loss"] = whole_run_loss(trainer.state.log_history, metrics.get("train_loss"))
+        log.info("resumed run: train_loss %.4f is the mean over all %d steps (loss_history.json)",
+                 metrics["train_loss"], trainer.state.global_step)
     last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
     if last_eval and last_eval["step"] == trainer.state.global_step:  # evaluated at the last step already
         metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
@@ -506,6 +510,17 @@ def train(inputs, outputs, params, log, threads=1):
              trainer.state.global_step, seconds, report["real_tokens_per_second"], metrics.get("train_loss", float("nan")))
     shutil.rmtree(ckpt, ignore_errors=True)
     return {"train_report": report}
+
+
+def whole_run_loss(history: list[dict], fallback):
+    """Mean training loss over every step of a run, from the logged window means (each weighted by
+    the steps it covers); the checkpoint restores the log history of the steps before a resume."""
+    total = steps = previous = 0
+    for entry in history:
+        if "loss" in entry:
+            width = entry["step"] - previous
+            total, steps, previous = total + entry["loss"] * width, steps + width, entry["step"]
+    return total / steps if steps else fallback
 
 
 def worker(job_file: str) -> None:
