@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tokenized, train_params
-from tuneline import merge, train
+from tuneline import batching, checkpoints, finetuning, merge, train
 from tuneline.config import rule_params
 from tuneline.errors import TunelineError
 from tuneline.modeling import use_packed_attention
@@ -92,9 +92,9 @@ def test_loraplus_gives_the_b_matrices_a_larger_learning_rate(tmp_path, tiny_mod
     from transformers import TrainingArguments
 
     params = train_params(quantization_bit=None, loraplus_lr_ratio=16.0, learning_rate=1e-3, optim="sgd")
-    model, _, _ = train.build_model(str(tiny_model), params, torch.float32, LOG)
+    model, _, _ = finetuning.build_model(str(tiny_model), params, torch.float32, LOG)
     args = TrainingArguments(output_dir=str(tmp_path), optim="sgd", learning_rate=1e-3, use_cpu=True, report_to=[])
-    optimizer = train.loraplus_optimizer(model, args, params)
+    optimizer = finetuning.loraplus_optimizer(model, args, params)
     assert isinstance(optimizer, torch.optim.SGD)  # the optimizer `optim` names
     lrs = {}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -131,7 +131,8 @@ def test_qlora_merge_into_the_dequantized_base_reproduces_the_trained_model(tmp_
     for base in ("dequantized", "original"):
         merged = tmp_path / f"merged-{base}"
         merge.main({"adapter": str(out), "model": str(tiny_model)}, {"model": str(merged)},
-                   rule_params({"merge_base": base}, "merge"), LOG)
+                   # the random tiny model's nf4 drift is large: the original-base gate is tested in test_trust
+                   rule_params({"merge_base": base, "merge_original_min_top1": 0.0}, "merge"), LOG)
         reports[base] = json.loads((merged / "merge_report.json").read_text())
         assert reports[base]["merge_base"] == base and reports[base]["merge_error"]["max_abs_logit_diff"] < 1e-4
     diffs = reports["dequantized"]["trained_vs_merged"]
@@ -217,13 +218,13 @@ def test_a_checkpoint_cut_off_mid_save_is_skipped(tmp_path):
         if complete:
             (ckpt / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     (ckpt / "train_key.json").write_text(json.dumps(key))
-    assert train.resumable_checkpoint(ckpt, key, LOG) == str(ckpt / "checkpoint-10")
+    assert checkpoints.resumable_checkpoint(ckpt, key, LOG) == str(ckpt / "checkpoint-10")
 
 
 def test_a_checkpoint_of_another_config_is_never_resumed(tmp_path, tiny_model, tokenized, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = train_params(quantization_bit=None, max_steps=4)
-    ckpt = train.checkpoint_dir(train.train_key(params, str(tokenized)))
+    ckpt = checkpoints.checkpoint_dir(checkpoints.train_key(params, str(tokenized)))
     (ckpt / "checkpoint-2").mkdir(parents=True)
     (ckpt / "train_key.json").write_text(json.dumps({"params": {**params, "learning_rate": 1.0}, "tokenized": "x"}))
     out = run_train(tmp_path, tiny_model, tokenized, max_steps=4)
@@ -240,8 +241,8 @@ def test_packed_batch_has_the_unpacked_loss(tiny_model, tokenized, tokenizer):
     model.config.use_cache = False  # as train sets it: with a cache, packed position ids are ignored
     rows = datasets.load_from_disk(str(tokenized / "train")).select(range(6))
     features = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows]
-    padded = train.make_collator(tokenizer, packing=False)(features)
-    packed = train.make_collator(tokenizer, packing=True)(features)
+    padded = batching.make_collator(tokenizer, packing=False)(features)
+    packed = batching.make_collator(tokenizer, packing=True)(features)
     assert packed["input_ids"].shape[0] == 1 and packed["input_ids"].shape[1] == sum(len(f["input_ids"]) for f in features)
     assert padded["input_ids"].numel() > packed["input_ids"].numel()  # the padding that packing removes
     with torch.no_grad():
@@ -253,7 +254,7 @@ def test_packed_batch_has_the_unpacked_loss(tiny_model, tokenized, tokenizer):
     assert abs(leaky - loss_padded) > 1e-3
     # given the model, the collators keep logits only where a label is: same loss, fewer logits
     for packing, full_loss in ((True, loss_packed), (False, loss_padded)):
-        batch = train.make_collator(tokenizer, packing=packing, model=model)(features)
+        batch = batching.make_collator(tokenizer, packing=packing, model=model)(features)
         labelled = int((batch["labels"][:, 1:] != -100).any(0).sum())
         assert batch["logits_to_keep"].numel() == labelled < batch["input_ids"].shape[1] // 2
         with torch.no_grad():
@@ -264,7 +265,7 @@ def test_packed_batch_has_the_unpacked_loss(tiny_model, tokenized, tokenizer):
     use_packed_attention(model)
     try:
         with torch.no_grad():
-            sliced = model(**train.make_collator(tokenizer, packing=True, model=model)(features)).loss.item()
+            sliced = model(**batching.make_collator(tokenizer, packing=True, model=model)(features)).loss.item()
         assert model.config._attn_implementation == "tuneline_packed_sdpa"
     finally:
         use_packed_attention(model, on=False)
@@ -282,7 +283,7 @@ def test_8bit_and_fp4_bases_are_quantized_as_asked_and_train(tmp_path, tiny_mode
     import bitsandbytes as bnb
 
     monkeypatch.chdir(tmp_path)
-    model, reported, _ = train.build_model(str(tiny_model), train_params(**quant), torch.float32, LOG)
+    model, reported, _ = finetuning.build_model(str(tiny_model), train_params(**quant), torch.float32, LOG)
     layers = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))]
     assert reported == expected and len(layers) == 14  # 7 linear layers x 2 decoder layers
     if quant["quantization_bit"] == 4:

@@ -195,7 +195,7 @@ def test_local_profile_plans_the_same_dag(tmp_path, tiny_model):
 
 def test_distributed_options_reach_the_trainer_and_torchrun():
     from tuneline.config import defaults
-    from tuneline.train import distributed_arguments, torchrun_command
+    from tuneline.launch import distributed_arguments, torchrun_command
 
     params = {**defaults(), "nproc_per_node": 2}
     assert distributed_arguments({**params, "nproc_per_node": 1}, cuda=False) == {}  # one process: plain
@@ -208,4 +208,4 @@ def test_distributed_options_reach_the_trainer_and_torchrun():
     two_nodes = torchrun_command({**params, "nnodes": 2}, {"master_addr": "10.0.0.1", "master_port": 29501,
                                                             "node_rank": 1}, "job.json")
     assert {"--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29501"} <= set(two_nodes)
-    assert two_nodes[-3:] == ["-m", "tuneline.train", "job.json"]
+    assert two_nodes[-3:] == ["-m", "tuneline.launch", "job.json"]

@@ -171,3 +171,17 @@ def test_stage_pt_plans_no_generation_scoring_and_ppo_fails_the_dry_run(tmp_path
     assert {"train", "mmlu", "eval_summary"} <= jobs and not {"predict", "score_generation"} & jobs
     proc = snakemake(work, "--dry-run", "--config", "stage=ppo")
     assert proc.returncode != 0 and "'stage' = 'ppo' is not supported: PPO needs a reward model" in proc.output
+
+
+def test_every_stage_of_the_schema_has_its_module_with_the_interface():
+    from tuneline import stages
+    from tuneline.config import keys
+
+    offered = [s for s in keys()["stage"]["enum"] if s not in keys()["stage"].get("unsupported", {})]
+    assert sorted(offered) == sorted(stages.STAGES)
+    for name in stages.STAGES:
+        module = stages.get(name)
+        assert module.RECORD in ("conversation", "text", "pair") and set(module.EVALUATION) <= {"generation", "mmlu"}
+        for fn in ("encode", "training_arguments", "trainer", "real_tokens"):
+            assert callable(getattr(module, fn)), (name, fn)
+        assert isinstance(module.PACKING, bool)

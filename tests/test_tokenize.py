@@ -3,7 +3,8 @@
 import pytest
 
 from tuneline.templates import get_template
-from tuneline.tokenize import IGNORE_INDEX, encode_supervised, infer_seqlen
+from tuneline.encoding import IGNORE_INDEX, infer_seqlen
+from tuneline.stages.sft import encode_supervised
 
 EXAMPLE = {"system": "", "tools": "", "messages": [
     {"role": "user", "content": "What is your name?"}, {"role": "assistant", "content": "I am Tuna."},

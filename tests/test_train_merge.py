@@ -61,7 +61,7 @@ def test_merge_fails_above_tolerance(tmp_path, tiny_model, tokenized, monkeypatc
                train_params(max_steps=2, quantization_bit=None), LOG)
     with pytest.raises(TunelineError, match="merge check failed"):
         merge.main({"adapter": str(adapter), "model": str(tiny_model)}, {"model": str(tmp_path / "m")},
-                   {"merge_tolerance": 1e-12}, LOG)
+                   rule_params({"merge_tolerance": 1e-12}, "merge"), LOG)
 
 
 def test_chat_answers_with_the_training_template(tmp_path, tiny_model, tokenized, monkeypatch, capsys):

@@ -278,22 +278,26 @@ def convert_text(record: dict, columns: dict, tally: Tally) -> dict | None:
 
 
 def convert(name: str, entry: dict, records: list[dict], log, stage: str = "sft", source: str = "") -> list[dict]:
+    from . import stages
+
     formatting = entry.get("formatting", "alpaca")
     ranking = bool(entry.get("ranking"))
-    if ranking != (stage == "dpo"):
+    kind = stages.get(stage).RECORD
+    if ranking != (kind == "pair"):
+        pair_stages = " or ".join(s for s in stages.STAGES if stages.get(s).RECORD == "pair")
         raise TunelineError(
-            f"dataset '{name}' is a preference dataset (ranking: true); stage {stage} cannot use it: set stage: dpo."
-            if ranking else
-            f"dataset '{name}' is not a preference dataset; stage dpo needs pairs: register one with "
+            f"dataset '{name}' is a preference dataset (ranking: true); stage {stage} cannot use it: set stage: "
+            f"{pair_stages}." if ranking else
+            f"dataset '{name}' is not a preference dataset; stage {stage} needs pairs: register one with "
             f"ranking: true and columns chosen/rejected (e.g. dpo_en_demo)."
         )
     if formatting not in ("alpaca", "sharegpt", "openai"):
         raise TunelineError(f"dataset '{name}': unknown formatting '{formatting}' (alpaca, sharegpt or openai).")
     columns = _mapping(ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS, entry.get("columns"))
     tags = None if formatting == "alpaca" else _mapping(TAGS, entry.get("tags"))
-    if stage == "pt":
+    if kind == "text":
         if formatting != "alpaca":
-            raise TunelineError(f"dataset '{name}': stage pt reads raw text from columns.prompt; use the "
+            raise TunelineError(f"dataset '{name}': stage {stage} reads raw text from columns.prompt; use the "
                                 f"alpaca formatting with columns {{\"prompt\": \"text\"}} (as c4_demo does).")
         required, one = ("prompt",), lambda r, t: convert_text(r, columns, t)
     elif ranking:

@@ -3,7 +3,7 @@
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from tuneline import registry
+from tuneline import registry, stages
 from tuneline.config import (SCHEMA_PATH, check_files, check_unknown_keys, check_values, coerce_cli_values, launch_settings,
                              rule_params, rule_resources)
 from tuneline.errors import TunelineError

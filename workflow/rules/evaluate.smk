@@ -70,9 +70,10 @@ rule mmlu:
 rule eval_summary:
     """Base vs tuned, side by side, with the delta."""
     input:
-        # stage pt data has no responses to generate and score: MMLU only
-        **({} if config["stage"] == "pt" else {"base_generation": "results/eval/base/predict_results.json",
-                                               "tuned_generation": "results/eval/tuned/predict_results.json"}),
+        # the stage says which evaluations apply (stage pt: no responses to generate and score)
+        **({"base_generation": "results/eval/base/predict_results.json",
+            "tuned_generation": "results/eval/tuned/predict_results.json"}
+           if "generation" in stages.get(config["stage"]).EVALUATION else {}),
         base_mmlu="results/eval/base/mmlu.json",
         tuned_mmlu="results/eval/tuned/mmlu.json",
     output:

@@ -1,0 +1,36 @@
+"""One module per `stage` value: what a stage keeps of a record, how it encodes it, how it trains
+and how it is evaluated. The rules call these through `get(stage)`; nothing else branches on
+`stage`. Adding a stage is a module here, its name in STAGES and in config/schema.yaml, and tests.
+
+A stage module defines:
+    RECORD       what prepare_data keeps of a record: "conversation" ({messages, system, tools}),
+                 "text" ({text}) or "pair" (a conversation plus `rejected`)
+    EVALUATION   the evaluation targets that apply: "generation" (predict + BLEU/ROUGE), "mmlu"
+    PACKING      whether packed batches apply (`packing` is ignored, with a log line, otherwise)
+    encode(template, examples, params, log, split) -> (columns, stats)      rule tokenize
+    training_arguments(params) -> (TrainingArguments class, extra kwargs)  rule train
+    trainer(run) -> a transformers Trainer                                 rule train
+    real_tokens(dataset) -> tokens the model reads in one epoch            train_report.json
+
+Imported by the Snakefile (EVALUATION): stage modules import heavy libraries inside functions only.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+STAGES = ("sft", "pt", "dpo")
+
+
+def get(stage: str):
+    if stage not in STAGES:
+        raise KeyError(f"unknown stage {stage!r}; Tuneline's stages are {', '.join(STAGES)}")
+    return importlib.import_module(f"{__name__}.{stage}")
+
+
+class TrainRun:
+    """What a stage's `trainer()` gets from the train rule."""
+
+    def __init__(self, model, args, params, tokenizer, train_ds, eval_ds, optimizers, base, log):
+        self.model, self.args, self.params, self.tokenizer = model, args, params, tokenizer
+        self.train_ds, self.eval_ds, self.optimizers, self.base, self.log = train_ds, eval_ds, optimizers, base, log

@@ -1,0 +1,104 @@
+"""stage dpo: direct preference optimisation with TRL's DPOTrainer on `ranking: true` datasets.
+
+Records are a conversation whose last message is the chosen response, plus `rejected`. Encoding
+renders the prompt and both responses with the pipeline's template and cuts them with
+LLaMA-Factory's pairwise budget, into TRL 1.x's columns prompt_ids/chosen_ids/rejected_ids.
+The reference model is the base. Evaluated like sft (generation and MMLU).
+"""
+
+from __future__ import annotations
+
+from ..encoding import infer_seqlen
+from ..errors import TunelineError
+
+RECORD = "pair"
+EVALUATION = ("generation", "mmlu")
+PACKING = False  # TRL pads each batch of pairs
+
+
+def encode_pairwise(template, example: dict, cutoff_len: int) -> tuple[dict, bool]:
+    """-> ({prompt_ids, chosen_ids, rejected_ids}, truncated): the prompt is every turn before the
+    last response; one length budget for the prompt and the longer response (infer_seqlen)."""
+    system, tools = example.get("system", ""), example.get("tools", "")
+    rejected = example["messages"][:-1] + [{"role": "assistant", "content": example["rejected"]}]
+    completions = []
+    for messages in (example["messages"], rejected):
+        pairs = template.encode_turns(messages, system, tools)
+        prompt = [t for s, r in pairs[:-1] for t in s + r] + pairs[-1][0]
+        completions.append(pairs[-1][1] + ([template.tokenizer.eos_token_id] if template.efficient_eos else []))
+    chosen, rejected = completions
+    s_len, t_len = infer_seqlen(len(prompt), max(len(chosen), len(rejected)), cutoff_len)
+    cut = s_len < len(prompt) or t_len < max(len(chosen), len(rejected))
+    return {"prompt_ids": prompt[:s_len], "chosen_ids": chosen[:t_len], "rejected_ids": rejected[:t_len]}, cut
+
+
+def encode(template, examples, params, log, split) -> tuple[dict, dict]:
+    columns = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    truncated = dropped = 0
+    for ex in examples:
+        row, cut = encode_pairwise(template, ex, params["cutoff_len"])
+        truncated += cut
+        if not row["chosen_ids"] or not row["rejected_ids"]:
+            dropped += 1
+            continue
+        for key, ids in row.items():
+            columns[key].append(ids)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in zip(*columns.values())]
+    stats = {"examples": len(lengths), "truncated": truncated, "dropped_no_labels": dropped,
+             "tokens": sum(lengths), "max_len": max(lengths, default=0)}
+    if truncated:
+        log.warning("%s: %d of %d preference pairs were longer than cutoff_len=%d and were truncated",
+                    split, truncated, len(examples), params["cutoff_len"])
+    if dropped:
+        log.warning("%s: dropped %d pairs with an empty response left after truncation", split, dropped)
+    log.info("%s: %d preference pairs, %d tokens", split, stats["examples"], stats["tokens"])
+    return columns, stats
+
+
+def training_arguments(params: dict):
+    """TRL's DPOConfig with the pref_* keys. tokenize already cut every pair to cutoff_len: no max_length."""
+    from trl import DPOConfig
+
+    losses = [params["pref_loss"]] + (["sft"] if params["pref_ftx"] else [])
+    return DPOConfig, dict(beta=params["pref_beta"], loss_type=losses, max_length=None,
+                           loss_weights=[1.0, params["pref_ftx"]] if params["pref_ftx"] else None,
+                           # TRL's own default is True: ours (off, ~25% faster on CPU) holds for every stage
+                           gradient_checkpointing=params["gradient_checkpointing"])
+
+
+def trainer(run):
+    """TRL's DPOTrainer on the pairs tokenize wrote (rendered with the pipeline's template). The
+    reference model is the base: for LoRA the adapter switched off (TRL adds a frozen copy of the
+    fresh adapter, removed before saving: see `adapters_to_drop`), for freeze/full a second, frozen
+    copy of the base weights."""
+    from trl import DPOTrainer
+
+    from ..modeling import load_causal_lm
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(dataset.column_names)
+            if missing:
+                raise TunelineError(f"the {dataset_name} split has no {', '.join(sorted(missing))}: it was not "
+                                    "tokenized for stage dpo. Rerun tokenize (snakemake -R tokenize).")
+            return dataset
+
+    params, log = run.params, run.log
+    ref_model = None
+    if params["finetuning_type"] != "lora":
+        ref_model = load_causal_lm(run.base, run.model.dtype, None).eval()
+        ref_model.requires_grad_(False)
+    log.info("DPO: loss %s, beta %s%s; reference: %s", params["pref_loss"], params["pref_beta"],
+             f", + {params['pref_ftx']} x SFT loss" if params["pref_ftx"] else "",
+             "the base model (through a frozen copy of the untrained adapter)" if ref_model is None
+             else "a frozen copy of the base model")
+    return PretokenizedDPOTrainer(model=run.model, ref_model=ref_model, args=run.args, train_dataset=run.train_ds,
+                                  eval_dataset=run.eval_ds, processing_class=run.tokenizer,
+                                  optimizers=run.optimizers)
+
+
+adapters_to_drop = ("ref",)  # DPOTrainer's frozen reference copy of the adapter
+
+
+def real_tokens(dataset) -> int:
+    return sum(len(row["prompt_ids"]) * 2 + len(row["chosen_ids"]) + len(row["rejected_ids"]) for row in dataset)
