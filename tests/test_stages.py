@@ -137,6 +137,69 @@ def test_dpo_freeze_has_a_frozen_reference_and_pref_ftx_adds_the_sft_loss(tmp_pa
     assert losses(ftx)[0] > 1.0 + 0.5 * 4
 
 
+# ---------------------------------------------------------------- kto
+
+@pytest.fixture(scope="module")
+def tagged(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("kto")
+    make_tokenized(root, tiny_model, cutoff_len=96, stage="kto", dataset="kto_en_demo", dataset_dir=str(LF_DATA),
+                   max_samples=24)
+    return root
+
+
+def completion_logps(model_dir, adapter, tokenized) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(completion | prompt) of each training example, and its label."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    logps, labels = [], []
+    with torch.no_grad():
+        for row in datasets.load_from_disk(str(tokenized / "train")):
+            ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+            logits = model(ids).logits[0, len(row["prompt_ids"]) - 1:-1].log_softmax(-1)
+            logps.append(logits.gather(1, torch.tensor(row["completion_ids"])[:, None]).sum())
+            labels.append(row["label"])
+    return torch.stack(logps), torch.tensor(labels)
+
+
+def test_kto_reads_llamafactorys_kto_tag_data(tagged, tokenizer):
+    rows = read_jsonl(tagged / "data" / "train.jsonl")
+    assert all(isinstance(r["label"], bool) and r["messages"][-1]["role"] == "assistant" for r in rows)
+    ds = datasets.load_from_disk(str(tagged / "tok" / "train"))
+    assert set(ds.column_names) == {"prompt_ids", "completion_ids", "label"} and len(ds) == 24
+    assert 0 < sum(ds["label"]) < 24  # both kinds
+    assert tokenizer.decode(ds[0]["prompt_ids"]).startswith("<|im_start|>system\n")
+
+
+def test_kto_with_lora_raises_desirable_and_lowers_undesirable_responses(tmp_path, tiny_model, tagged, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out, history = run_train(tmp_path, tiny_model, tagged / "tok", max_steps=12, stage="kto", learning_rate=1e-2,
+                             kto_rejected_weight=1.5)
+    curve = losses(history)
+    assert curve[-1] < curve[0]
+    args = train.training_arguments(train_params(stage="kto", pref_beta=0.2, kto_rejected_weight=1.5), tmp_path,
+                                    torch.float32)
+    assert (type(args).__name__, args.beta, args.desirable_weight, args.undesirable_weight) == (
+        "KTOConfig", 0.2, 1.0, 1.5)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and json.loads((out / "train_report.json").read_text())["stage"] == "kto"
+    before, labels = completion_logps(tiny_model, None, tagged / "tok")
+    after, _ = completion_logps(tiny_model, out, tagged / "tok")
+    moved = after - before
+    assert moved[labels].mean() > moved[~labels].mean() + 1.0  # desirable up relative to undesirable
+
+
+def test_kto_needs_a_kto_tag_column():
+    params = {"dataset_dir": str(LF_DATA), "max_samples": 2, "identity_name": "", "identity_author": "",
+              "stage": "kto"}
+    with pytest.raises(TunelineError, match="'alpaca_en_demo': stage kto needs .* columns.kto_tag"):
+        records.collect(selected_entries(str(LF_DATA), "alpaca_en_demo"), LOG, **params)
+
+
 # ---------------------------------------------------------------- eval_dataset, refused stages
 
 def test_eval_dataset_is_the_validation_split_in_training(tmp_path, tiny_model, monkeypatch):
@@ -157,9 +220,9 @@ def test_eval_dataset_is_the_validation_split_in_training(tmp_path, tiny_model, 
     assert report["metrics"]["eval_loss"] == history[-2]["eval_loss"]
 
 
-@pytest.mark.parametrize("stage", ["ppo", "kto", "rm"])
+@pytest.mark.parametrize("stage", ["ppo", "rm"])
 def test_unsupported_stages_are_refused_with_the_reason(stage):
-    with pytest.raises(TunelineError, match=rf"'stage' = '{stage}' is not supported: .* Allowed: sft, pt, dpo"):
+    with pytest.raises(TunelineError, match=rf"'stage' = '{stage}' is not supported: .* Allowed: sft, pt, dpo, kto"):
         check_values({"stage": stage})
 
 
@@ -181,7 +244,18 @@ def test_every_stage_of_the_schema_has_its_module_with_the_interface():
     assert sorted(offered) == sorted(stages.STAGES)
     for name in stages.STAGES:
         module = stages.get(name)
-        assert module.RECORD in ("conversation", "text", "pair") and set(module.EVALUATION) <= {"generation", "mmlu"}
+        assert module.RECORD in ("conversation", "text", "pair", "tagged") and set(module.EVALUATION) <= {"generation", "mmlu"}
         for fn in ("encode", "training_arguments", "trainer", "real_tokens"):
             assert callable(getattr(module, fn)), (name, fn)
         assert isinstance(module.PACKING, bool)
+
+
+@pytest.mark.parametrize("stage,dataset", [("kto", "kto_en_demo"), ("dpo", "dpo_en_demo")])
+def test_preference_stages_run_the_whole_dag(tmp_path, tiny_model, stage, dataset):
+    work = make_workdir(tmp_path, tiny_model, stage=stage, dataset=dataset, max_samples=16, val_size=4, max_steps=3)
+    cfg = yaml.safe_load((work / "tuneline.yaml").read_text())
+    (work / "tuneline.yaml").write_text(yaml.safe_dump({**cfg, "dataset_dir": str(LF_DATA)}))
+    snakemake(work, "all", check=True)
+    summary = json.loads((work / "results" / "eval" / "summary.json").read_text())
+    assert {r["metric"] for r in summary["rows"]} >= {"bleu-4", "rouge-l"}
+    assert json.loads((work / "results" / "merged_model" / "merge_report.json").read_text())["gates"]

@@ -29,8 +29,9 @@ from .jsonl import write_jsonl
 from .registry import DATA_EXTENSIONS, local_source, outside_dataset_dir
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None,
-                  "system": None, "tools": None, "chosen": None, "rejected": None}
-SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "tools": None, "chosen": None, "rejected": None}
+                  "system": None, "tools": None, "chosen": None, "rejected": None, "kto_tag": None}
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "tools": None, "chosen": None, "rejected": None,
+                    "kto_tag": None}
 TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
         "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 MEDIA_COLUMNS = ("images", "videos", "audios")
@@ -270,6 +271,15 @@ def convert_pairwise(record: dict, columns: dict, tags: dict | None, tally: Tall
     return None if out is None or rejected_text is None else {**out, "rejected": rejected_text}
 
 
+def convert_tagged(record: dict, columns: dict, tags: dict | None, tally: Tally) -> dict | None:
+    """A conversation with LLaMA-Factory's kto_tag: true for a desirable response, false for an undesirable one."""
+    label = record.get(columns["kto_tag"])
+    if not isinstance(label, bool):
+        return tally.drop(f"{columns['kto_tag']} is not true or false")
+    out = convert_alpaca(record, columns, tally) if tags is None else convert_sharegpt(record, columns, tags, tally)
+    return None if out is None else {**out, "label": label}
+
+
 def convert_text(record: dict, columns: dict, tally: Tally) -> dict | None:
     text = record.get(columns.get("prompt") or "")
     if not isinstance(text, str) or not text.strip():
@@ -306,6 +316,12 @@ def convert(name: str, entry: dict, records: list[dict], log, stage: str = "sft"
                 raise TunelineError(f"dataset '{name}' (ranking: true) must name columns.{role} in dataset_info.json.")
         required = ("chosen", "rejected") + (("prompt",) if tags is None else ("messages",))
         one = lambda r, t: convert_pairwise(r, columns, tags, t)
+    elif kind == "tagged":
+        if not columns.get("kto_tag"):
+            raise TunelineError(f"dataset '{name}': stage {stage} needs a desirable/undesirable label per record: "
+                                "name its boolean column as columns.kto_tag in dataset_info.json (as kto_en_demo does).")
+        required = ("kto_tag",) + (("prompt", "response") if tags is None else ("messages",))
+        one = lambda r, t: convert_tagged(r, columns, tags, t)
     elif tags is None:
         required, one = ("prompt", "response"), lambda r, t: convert_alpaca(r, columns, t)
     else:

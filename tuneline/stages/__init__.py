@@ -4,7 +4,8 @@ and how it is evaluated. The rules call these through `get(stage)`; nothing else
 
 A stage module defines:
     RECORD       what prepare_data keeps of a record: "conversation" ({messages, system, tools}),
-                 "text" ({text}) or "pair" (a conversation plus `rejected`)
+                 "text" ({text}), "pair" (a conversation plus `rejected`) or "tagged" (a
+                 conversation plus a boolean `label`, LLaMA-Factory's kto_tag)
     EVALUATION   the evaluation targets that apply: "generation" (predict + BLEU/ROUGE), "mmlu"
     PACKING      whether packed batches apply (`packing` is ignored, with a log line, otherwise)
     encode(template, examples, params, log, split) -> (columns, stats)      rule tokenize
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = ("sft", "pt", "dpo")
+STAGES = ("sft", "pt", "dpo", "kto")
 
 
 def get(stage: str):
