@@ -259,3 +259,29 @@ def test_preference_stages_run_the_whole_dag(tmp_path, tiny_model, stage, datase
     summary = json.loads((work / "results" / "eval" / "summary.json").read_text())
     assert {r["metric"] for r in summary["rows"]} >= {"bleu-4", "rouge-l"}
     assert json.loads((work / "results" / "merged_model" / "merge_report.json").read_text())["gates"]
+
+
+@pytest.mark.parametrize("loss,trainer,config", [("orpo", "ORPOTrainer", "ORPOConfig"),
+                                                 ("simpo", "CPOTrainer", "CPOConfig")])
+def test_reference_free_preference_losses_reach_their_trl_trainer(tmp_path, tiny_model, pairs, monkeypatch, loss,
+                                                                   trainer, config, caplog):
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    from tuneline.stages import dpo
+
+    real = dpo.reference_free_trainer
+    monkeypatch.setattr(dpo, "reference_free_trainer", lambda run: seen.setdefault("t", real(run)))
+    with caplog.at_level(logging.INFO):
+        out, history = run_train(tmp_path, tiny_model, pairs / "tok", max_steps=10, stage="dpo", pref_loss=loss,
+                                 learning_rate=1e-2, simpo_gamma=0.3)
+    assert trainer in [c.__name__ for c in type(seen["t"]).__mro__] and "no reference model" in caplog.text
+    args = train.training_arguments(train_params(stage="dpo", pref_loss=loss, simpo_gamma=0.3), tmp_path,
+                                    torch.float32)
+    assert type(args).__name__ == config and (loss != "simpo" or (args.loss_type, args.simpo_gamma) == ("simpo", 0.3))
+    curve = losses(history)
+    assert curve[-1] < curve[0]
+    before = pair_margins(tiny_model, None, pairs / "tok")
+    after = pair_margins(tiny_model, out, pairs / "tok")
+    assert (after - before).mean() > 0.5 and (after > before).float().mean() >= 0.75

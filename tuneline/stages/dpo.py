@@ -55,11 +55,29 @@ def encode(template, examples, params, log, split) -> tuple[dict, dict]:
     return columns, stats
 
 
+# pref_loss values that are trainers of their own in TRL (reference-free): LLaMA-Factory's orpo and simpo
+REFERENCE_FREE = ("orpo", "simpo")
+
+
 def training_arguments(params: dict):
-    """TRL's DPOConfig with the pref_* keys. tokenize already cut every pair to cutoff_len: no max_length."""
+    """TRL's DPOConfig with the pref_* keys; for orpo TRL's ORPOConfig (beta = pref_beta, ORPO's lambda, as
+    LLaMA-Factory uses it) and for simpo its CPOConfig with loss_type simpo (simpo_gamma; pref_ftx is the
+    NLL weight cpo_alpha). tokenize already cut every pair to cutoff_len."""
+    loss = params["pref_loss"]
+    if loss == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+
+        return ORPOConfig, dict(beta=params["pref_beta"],
+                                gradient_checkpointing=params["gradient_checkpointing"])
+    if loss == "simpo":
+        from trl.experimental.cpo import CPOConfig
+
+        return CPOConfig, dict(loss_type="simpo", beta=params["pref_beta"], simpo_gamma=params["simpo_gamma"],
+                               cpo_alpha=params["pref_ftx"],
+                               gradient_checkpointing=params["gradient_checkpointing"])
     from trl import DPOConfig
 
-    losses = [params["pref_loss"]] + (["sft"] if params["pref_ftx"] else [])
+    losses = [loss] + (["sft"] if params["pref_ftx"] else [])
     return DPOConfig, dict(beta=params["pref_beta"], loss_type=losses, max_length=None,
                            loss_weights=[1.0, params["pref_ftx"]] if params["pref_ftx"] else None,
                            # TRL's own default is True: ours (off, ~25% faster on CPU) holds for every stage
@@ -84,6 +102,8 @@ def trainer(run):
             return dataset
 
     params, log = run.params, run.log
+    if params["pref_loss"] in REFERENCE_FREE:
+        return reference_free_trainer(run)
     ref_model = None
     if params["finetuning_type"] != "lora":
         ref_model = load_causal_lm(run.base, run.model.dtype, None).eval()
@@ -95,6 +115,37 @@ def trainer(run):
     return PretokenizedDPOTrainer(model=run.model, ref_model=ref_model, args=run.args, train_dataset=run.train_ds,
                                   eval_dataset=run.eval_ds, processing_class=run.tokenizer,
                                   optimizers=run.optimizers)
+
+
+def reference_free_trainer(run):
+    """ORPO (TRL's ORPOTrainer) or SimPO (TRL's CPOTrainer, loss_type simpo) on the same pairs: no
+    reference model. Their own tokenization is replaced by the rows tokenize wrote."""
+    from ..encoding import IGNORE_INDEX
+
+    if run.params["pref_loss"] == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as Base
+    else:
+        from trl.experimental.cpo import CPOTrainer as Base
+
+    class Pretokenized(Base):
+        def tokenize_row(self, feature, model=None):
+            prompt = feature["prompt_ids"]
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for name in ("chosen", "rejected"):
+                ids = feature[f"{name}_ids"]
+                row.update({f"{name}_input_ids": prompt + ids, f"{name}_attention_mask": [1] * (len(prompt) + len(ids)),
+                            f"{name}_labels": [IGNORE_INDEX] * len(prompt) + ids})
+            return row
+
+    params = run.params
+    if params["pref_loss"] == "orpo" and params["pref_ftx"]:
+        run.log.warning("pref_ftx=%s is not used with pref_loss orpo: ORPO's loss holds its own SFT term",
+                        params["pref_ftx"])
+    run.log.info("%s: beta %s%s; no reference model", params["pref_loss"].upper(), params["pref_beta"],
+                 f", gamma {params['simpo_gamma']}, + {params['pref_ftx']} x SFT loss" if params["pref_loss"] == "simpo"
+                 else "")
+    return Pretokenized(model=run.model, args=run.args, train_dataset=run.train_ds, eval_dataset=run.eval_ds,
+                        processing_class=run.tokenizer, optimizers=run.optimizers)
 
 
 adapters_to_drop = ("ref",)  # DPOTrainer's frozen reference copy of the adapter
