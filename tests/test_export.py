@@ -319,3 +319,20 @@ def test_export_format_bits_must_fit_the_format(exported):
     assert proc.returncode != 0 and "bnb takes export_quantization_bit 4 or 8" in proc.output
     proc = snakemake(exported, "--dry-run", "--config", "export_legacy_format=true")
     assert proc.returncode != 0 and "export_legacy_format" in proc.output and "safetensors" in proc.output
+
+
+def test_bnb_floor_fails_the_rule_and_leaves_no_output(merged, tmp_path):
+    import logging
+
+    from tuneline import export_bnb
+    from tuneline.config import rule_params
+    from tuneline.rule import run_stage, staging_path
+
+    final = tmp_path / "bnb-4bit"
+    params = {**rule_params({"export_min_top1": 1.0}, "export_bnb"), "bits": 4}
+    with pytest.raises(SystemExit):
+        run_stage("export_bnb", export_bnb.main, {"model": str(merged)}, {"model": final},
+                  {"model": staging_path(final)}, params, logging.getLogger("test"), str(tmp_path / "logs" / "x.log"))
+    assert not final.exists() and not staging_path(final).exists()
+    report = json.loads((tmp_path / "logs" / "x.failed" / "export_report.json").read_text())
+    assert report["vs_merged_model"]["min_top1_agreement"] == 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -143,3 +144,15 @@ def test_no_rule_module_imports_another_rule_module():
                 if path.stem in rules or path.stem in ("chat",):
                     offenders.append(f"{path.stem} imports {node.module}")
     assert not offenders, offenders
+
+
+def test_a_diverging_training_run_fails_and_leaves_no_adapter(tmp_path, tiny_model, tokenized, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    final = tmp_path / "adapter"
+    params = train_params(quantization_bit=None, max_steps=4, learning_rate=1e30, max_grad_norm=0.0)
+    with pytest.raises(SystemExit):
+        run_stage("train", train.main, {"tokenized": str(tokenized), "model": str(tiny_model)}, {"adapter": final},
+                  {"adapter": staging_path(final)}, params, LOG, str(tmp_path / "logs" / "train.log"))
+    assert not final.exists() and not staging_path(final).exists()
+    kept = json.loads((tmp_path / "logs" / "train.failed" / "train_report.json").read_text())
+    assert math.isnan(kept["metrics"]["train_loss"])  # recorded as it is (the Trainer's NaN filter is off)

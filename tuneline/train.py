@@ -53,6 +53,7 @@ def training_arguments(params: dict, out_dir: Path, dtype):
         max_grad_norm=params["max_grad_norm"],
         logging_steps=params["logging_steps"],
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # the Trainer's default hides NaN/inf losses; the gate below needs them
         save_strategy="steps",
         save_steps=params["save_steps"],
         save_total_limit=2,
@@ -188,9 +189,11 @@ def train(inputs, outputs, params, log, threads=1):
         "metrics": metrics,
     }
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    losses = [h["loss"] for h in history if "loss" in h] + [metrics.get("train_loss", 0.0), metrics.get("eval_loss", 0.0)]
-    if not all(math.isfinite(x) for x in losses):  # gate: a NaN/inf loss trained nothing usable
-        raise TunelineError("training loss became NaN or infinite (loss_history.json, train_report.json): lower "
+    figures = [h[k] for h in history for k in ("loss", "grad_norm", "eval_loss") if isinstance(h.get(k), (int, float))]
+    figures += [metrics.get("train_loss", 0.0), metrics.get("eval_loss", 0.0)]
+    if not all(math.isfinite(x) for x in figures):  # gate: a NaN/inf loss or gradient trained nothing usable
+        raise TunelineError("training loss or gradient norm became NaN or infinite (loss_history.json, "
+                            "train_report.json): lower "
                             "learning_rate, or compute in fp32 (bf16: false, fp16: false).")
     log.info("trained %d steps in %.0f s (%.0f real tokens/s); final loss %.4f",
              trainer.state.global_step, seconds, report["real_tokens_per_second"], metrics.get("train_loss", float("nan")))
