@@ -196,3 +196,24 @@ def test_chat_refuses_a_pickle_only_model_folder_with_a_message(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "holds only pickle weights (pytorch_model.bin): Tuneline loads safetensors only" in proc.stderr
+
+
+def test_a_llamafactory_example_config_plans_and_output_dir_says_what_to_do(tmp_path, tiny_model):
+    import yaml
+
+    from conftest import LF_DATA
+    from test_config import LF_SFT
+
+    work = make_workdir(tmp_path, tiny_model)
+    # LLaMA-Factory's qwen3_lora_dpo.yaml keys, model/template/dataset_dir swapped for local ones
+    cfg = dict(LF_SFT, stage="dpo", dataset="dpo_en_demo", pref_beta=0.1, pref_loss="sigmoid", learning_rate=5.0e-6,
+               model_name_or_path=str(tiny_model), template="chatml", dataset_dir=str(LF_DATA), bf16=False)
+    cfg.pop("trust_remote_code")
+    (work / "lf.yaml").write_text(yaml.safe_dump(cfg))
+    (work / "tuneline.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(work, "results/merged_model")
+    assert jobs == {"base_model", "prepare_data", "tokenize", "train", "merge"}
+    proc = snakemake(work, "--dry-run", "results/merged_model")
+    assert "Tuneline: LLaMA-Factory's key `do_train` is accepted and not used" in proc.output
+    fails(work, "results/merged_model", "--config", "output_dir=saves/qwen3-4b/lora/dpo",
+          expect=["LLaMA-Factory's `output_dir` is not supported by Tuneline yet", "snakemake --directory"])

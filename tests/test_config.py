@@ -104,3 +104,52 @@ def test_a_missing_deepspeed_file_is_an_error(tmp_path):
         check_files({"deepspeed": "ds.json"})
     (tmp_path / "ds.json").write_text("{}")
     check_files({"deepspeed": str(tmp_path / "ds.json")})
+
+
+# LLaMA-Factory's examples/train_lora/qwen3_lora_sft.yaml, as its keys and values (model, template and
+# dataset_dir are swapped for local ones by the tests, as a user would; output_dir is tested on its own)
+LF_SFT = {"trust_remote_code": True, "stage": "sft", "do_train": True, "finetuning_type": "lora", "lora_rank": 8,
+          "lora_target": "all", "dataset": "identity", "cutoff_len": 2048, "max_samples": 1000,
+          "preprocessing_num_workers": 16, "dataloader_num_workers": 4, "logging_steps": 10, "save_steps": 500,
+          "plot_loss": True, "overwrite_output_dir": True, "save_only_model": False, "report_to": "none",
+          "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "learning_rate": 1.0e-4,
+          "num_train_epochs": 3.0, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "bf16": True,
+          "ddp_timeout": 180000000, "resume_from_checkpoint": None}
+
+
+def test_llamafactory_keys_are_accepted_aliased_or_refused_with_what_to_use():
+    cfg = dict(LF_SFT, quantization_method="bnb", neat_packing=True, disable_gradient_checkpointing=False)
+    notes = c.adopt_foreign_keys(cfg)
+    c.check_unknown_keys(cfg)
+    c.check_values(cfg)
+    assert "do_train" not in cfg and "plot_loss" not in cfg and cfg["packing"] is True
+    assert cfg["gradient_checkpointing"] is True  # disable_gradient_checkpointing: false, negated
+    assert any("`plot_loss` is accepted and not used: the loss curve is always drawn" in n for n in notes)
+    assert any("`neat_packing` is read as `packing`" in n for n in notes)
+    with pytest.raises(TunelineError, match=r"LLaMA-Factory's `output_dir` is not supported by Tuneline yet: .*"
+                                            r"snakemake --directory"):
+        c.adopt_foreign_keys({"output_dir": "saves/x"})
+    with pytest.raises(TunelineError, match=r"`quantization_method` = 'hqq' is not supported by Tuneline yet: only bnb"):
+        c.adopt_foreign_keys({"quantization_method": "hqq"})
+    typo = {"lora_rnak": 8}
+    assert c.adopt_foreign_keys(typo) == [] and typo == {"lora_rnak": 8}  # a typo stays a typo
+    with pytest.raises(TunelineError, match="unknown config key 'lora_rnak'"):
+        c.check_unknown_keys(typo)
+
+
+def test_foreign_names_point_to_the_tuneline_key():
+    cfg = {"target_modules": ["q_proj", "v_proj"], "max_seq_length": 512, "evaluation_strategy": "steps"}
+    c.adopt_foreign_keys(cfg)
+    assert cfg == {"lora_target": "q_proj,v_proj", "cutoff_len": 512, "eval_strategy": "steps"}
+    with pytest.raises(TunelineError, match=r"`train_file` is not a Tuneline key: register the file in"):
+        c.adopt_foreign_keys({"train_file": "data.json"})
+
+
+def test_every_alias_names_a_tuneline_key_and_no_foreign_key_shadows_one():
+    schema = c.load_schema()
+    for section in ("llamafactory", "foreign_keys"):
+        for key, rule in schema[section].items():
+            assert key not in c.keys(), key
+            assert ("alias" in rule) + ("accept" in rule or "refuse" in rule) == 1 or "accept_values" in rule, key
+            if "alias" in rule:
+                assert rule["alias"] in c.keys(), (key, rule)

@@ -1,14 +1,17 @@
 # One-time work: check and complete the config, and give each rule its slice of it.
 # Only light imports here: a no-op dry-run must stay fast.
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from tuneline import registry, stages
-from tuneline.config import (SCHEMA_PATH, check_files, check_unknown_keys, check_values, coerce_cli_values, launch_settings,
+from tuneline.config import (SCHEMA_PATH, adopt_foreign_keys, check_files, check_unknown_keys, check_values, coerce_cli_values, launch_settings,
                              rule_params, rule_resources)
 from tuneline.errors import TunelineError
 
 try:
+    for note in adopt_foreign_keys(config):  # LLaMA-Factory's own keys: aliased, accepted or refused
+        logger.info(f"Tuneline: {note}")
     check_unknown_keys(config)
     coerce_cli_values(config)
     check_values(config)
