@@ -22,3 +22,24 @@ def sequence_columns(rows: list[tuple[list[int], list[int]]]) -> dict:
     """input_ids / attention_mask / labels columns from (input_ids, labels) rows."""
     return {"input_ids": [ids for ids, _ in rows], "attention_mask": [[1] * len(ids) for ids, _ in rows],
             "labels": [labels for _, labels in rows]}
+
+
+def encode_rows(examples, encode_one, has_labels, columns: list[str], params, log, split, what="examples"):
+    """Run a stage's per-example encoder over a split, counting what was cut and what was dropped (no
+    label left after truncation), with a log line for each. -> (columns, truncated, dropped)."""
+    out = {key: [] for key in columns}
+    truncated = dropped = 0
+    for ex in examples:
+        row, cut = encode_one(ex)
+        truncated += cut
+        if not has_labels(row):
+            dropped += 1
+            continue
+        for key in columns:
+            out[key].append(row[key])
+    if truncated:
+        log.warning("%s: %d of %d %s were longer than cutoff_len=%d and were truncated",
+                    split, truncated, len(examples), what, params["cutoff_len"])
+    if dropped:
+        log.warning("%s: dropped %d %s with an empty response left after truncation", split, dropped, what)
+    return out, truncated, dropped

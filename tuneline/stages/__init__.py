@@ -35,3 +35,15 @@ class TrainRun:
     def __init__(self, model, args, params, tokenizer, train_ds, eval_ds, optimizers, base, log):
         self.model, self.args, self.params, self.tokenizer = model, args, params, tokenizer
         self.train_ds, self.eval_ds, self.optimizers, self.base, self.log = train_ds, eval_ds, optimizers, base, log
+
+
+def frozen_reference(run):
+    """The reference model of a preference stage: None for LoRA (TRL then uses the base through a frozen
+    copy of the untrained adapter), else a frozen second copy of the base weights."""
+    if run.params["finetuning_type"] == "lora":
+        return None
+    from ..modeling import load_causal_lm
+
+    ref_model = load_causal_lm(run.base, run.model.dtype, None).eval()
+    ref_model.requires_grad_(False)
+    return ref_model

@@ -8,7 +8,7 @@ The reference model is the base. Evaluated like sft (generation and MMLU).
 
 from __future__ import annotations
 
-from ..encoding import infer_seqlen
+from ..encoding import encode_rows, infer_seqlen
 from ..errors import TunelineError
 
 RECORD = "pair"
@@ -33,24 +33,13 @@ def encode_pairwise(template, example: dict, cutoff_len: int) -> tuple[dict, boo
 
 
 def encode(template, examples, params, log, split) -> tuple[dict, dict]:
-    columns = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-    truncated = dropped = 0
-    for ex in examples:
-        row, cut = encode_pairwise(template, ex, params["cutoff_len"])
-        truncated += cut
-        if not row["chosen_ids"] or not row["rejected_ids"]:
-            dropped += 1
-            continue
-        for key, ids in row.items():
-            columns[key].append(ids)
+    columns, truncated, dropped = encode_rows(
+        examples, lambda ex: encode_pairwise(template, ex, params["cutoff_len"]),
+        lambda row: row["chosen_ids"] and row["rejected_ids"], ["prompt_ids", "chosen_ids", "rejected_ids"],
+        params, log, split, "preference pairs")
     lengths = [len(p) + len(c) + len(r) for p, c, r in zip(*columns.values())]
     stats = {"examples": len(lengths), "truncated": truncated, "dropped_no_labels": dropped,
              "tokens": sum(lengths), "max_len": max(lengths, default=0)}
-    if truncated:
-        log.warning("%s: %d of %d preference pairs were longer than cutoff_len=%d and were truncated",
-                    split, truncated, len(examples), params["cutoff_len"])
-    if dropped:
-        log.warning("%s: dropped %d pairs with an empty response left after truncation", split, dropped)
     log.info("%s: %d preference pairs, %d tokens", split, stats["examples"], stats["tokens"])
     return columns, stats
 
@@ -91,7 +80,7 @@ def trainer(run):
     copy of the base weights."""
     from trl import DPOTrainer
 
-    from ..modeling import load_causal_lm
+    from . import frozen_reference
 
     class PretokenizedDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -104,10 +93,7 @@ def trainer(run):
     params, log = run.params, run.log
     if params["pref_loss"] in REFERENCE_FREE:
         return reference_free_trainer(run)
-    ref_model = None
-    if params["finetuning_type"] != "lora":
-        ref_model = load_causal_lm(run.base, run.model.dtype, None).eval()
-        ref_model.requires_grad_(False)
+    ref_model = frozen_reference(run)
     log.info("DPO: loss %s, beta %s%s; reference: %s", params["pref_loss"], params["pref_beta"],
              f", + {params['pref_ftx']} x SFT loss" if params["pref_ftx"] else "",
              "the base model (through a frozen copy of the untrained adapter)" if ref_model is None

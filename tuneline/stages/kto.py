@@ -10,7 +10,7 @@ the desirable and undesirable losses. The reference model is the base. Evaluated
 
 from __future__ import annotations
 
-from ..encoding import infer_seqlen
+from ..encoding import encode_rows, infer_seqlen
 from ..errors import TunelineError
 
 RECORD = "tagged"
@@ -29,25 +29,13 @@ def encode_unpaired(template, example: dict, cutoff_len: int) -> tuple[dict, boo
 
 
 def encode(template, examples, params, log, split) -> tuple[dict, dict]:
-    columns = {"prompt_ids": [], "completion_ids": [], "label": []}
-    truncated = dropped = 0
-    for ex in examples:
-        row, cut = encode_unpaired(template, ex, params["cutoff_len"])
-        truncated += cut
-        if not row["completion_ids"]:
-            dropped += 1
-            continue
-        for key, value in row.items():
-            columns[key].append(value)
+    columns, truncated, dropped = encode_rows(
+        examples, lambda ex: encode_unpaired(template, ex, params["cutoff_len"]), lambda row: row["completion_ids"],
+        ["prompt_ids", "completion_ids", "label"], params, log, split)
     lengths = [len(p) + len(c) for p, c in zip(columns["prompt_ids"], columns["completion_ids"])]
     stats = {"examples": len(lengths), "desirable": sum(columns["label"]),
              "undesirable": len(lengths) - sum(columns["label"]), "truncated": truncated,
              "dropped_no_labels": dropped, "tokens": sum(lengths), "max_len": max(lengths, default=0)}
-    if truncated:
-        log.warning("%s: %d of %d examples were longer than cutoff_len=%d and were truncated",
-                    split, truncated, len(examples), params["cutoff_len"])
-    if dropped:
-        log.warning("%s: dropped %d examples with an empty response left after truncation", split, dropped)
     log.info("%s: %d examples (%d desirable, %d undesirable), %d tokens", split, stats["examples"],
              stats["desirable"], stats["undesirable"], stats["tokens"])
     return columns, stats
@@ -70,7 +58,7 @@ def trainer(run):
     second copy of the base)."""
     from trl import KTOTrainer
 
-    from ..modeling import load_causal_lm
+    from . import frozen_reference
 
     class PretokenizedKTOTrainer(KTOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -87,10 +75,7 @@ def trainer(run):
             return dataset
 
     params, log = run.params, run.log
-    ref_model = None
-    if params["finetuning_type"] != "lora":
-        ref_model = load_causal_lm(run.base, run.model.dtype, None).eval()
-        ref_model.requires_grad_(False)
+    ref_model = frozen_reference(run)
     log.info("KTO: beta %s, desirable weight %s, undesirable weight %s; reference: %s", params["pref_beta"],
              params["kto_chosen_weight"], params["kto_rejected_weight"],
              "the base model (through a frozen copy of the untrained adapter)" if ref_model is None

@@ -8,7 +8,7 @@ Trainer (packed batches by default); evaluated by generation (BLEU/ROUGE) and MM
 
 from __future__ import annotations
 
-from ..encoding import IGNORE_INDEX, infer_seqlen, sequence_columns
+from ..encoding import IGNORE_INDEX, encode_rows, infer_seqlen
 
 RECORD = "conversation"
 EVALUATION = ("generation", "mmlu")
@@ -47,25 +47,18 @@ def encode_supervised(template, example: dict, cutoff_len: int, train_on_prompt:
 
 
 def encode(template, examples, params, log, split) -> tuple[dict, dict]:
-    rows, truncated, dropped = [], 0, 0
-    for ex in examples:
+    def one(ex):
         ids, labels, cut = encode_supervised(template, ex, params["cutoff_len"], params["train_on_prompt"],
                                              params["mask_history"])
-        truncated += cut
-        if all(label == IGNORE_INDEX for label in labels):
-            dropped += 1  # nothing left to learn after truncation
-            continue
-        rows.append((ids, labels))
-    columns = sequence_columns(rows)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, cut
+
+    columns, truncated, dropped = encode_rows(
+        examples, one, lambda row: any(label != IGNORE_INDEX for label in row["labels"]),
+        ["input_ids", "attention_mask", "labels"], params, log, split)
     lengths = [len(x) for x in columns["input_ids"]]
     stats = {"examples": len(lengths), "truncated": truncated, "dropped_no_labels": dropped,
              "tokens": sum(lengths), "max_len": max(lengths, default=0),
              "label_tokens": sum(sum(1 for v in lab if v != IGNORE_INDEX) for lab in columns["labels"])}
-    if truncated:
-        log.warning("%s: %d of %d examples were longer than cutoff_len=%d and were truncated",
-                    split, truncated, len(examples), params["cutoff_len"])
-    if dropped:
-        log.warning("%s: dropped %d examples with no response tokens left after truncation", split, dropped)
     log.info("%s: %d examples, %d tokens (longest %d)", split, stats["examples"], stats["tokens"], stats["max_len"])
     return columns, stats
 
