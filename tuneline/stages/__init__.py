@@ -47,3 +47,13 @@ def frozen_reference(run):
     ref_model = load_causal_lm(run.base, run.model.dtype, None).eval()
     ref_model.requires_grad_(False)
     return ref_model
+
+
+def require_columns(dataset, columns: set[str], split: str, stage: str) -> None:
+    """A TRL trainer fed tokenize's columns: the split must have been tokenized for this stage."""
+    from ..errors import TunelineError
+
+    missing = columns - set(dataset.column_names)
+    if missing:
+        raise TunelineError(f"the {split} split has no {', '.join(sorted(missing))}: it was not tokenized for stage "
+                            f"{stage}. Rerun tokenize (snakemake -R tokenize).")

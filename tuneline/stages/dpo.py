@@ -9,7 +9,6 @@ The reference model is the base. Evaluated like sft (generation and MMLU).
 from __future__ import annotations
 
 from ..encoding import encode_rows, infer_seqlen
-from ..errors import TunelineError
 
 RECORD = "pair"
 EVALUATION = ("generation", "mmlu")
@@ -80,14 +79,11 @@ def trainer(run):
     copy of the base weights."""
     from trl import DPOTrainer
 
-    from . import frozen_reference
+    from . import frozen_reference, require_columns
 
     class PretokenizedDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(dataset.column_names)
-            if missing:
-                raise TunelineError(f"the {dataset_name} split has no {', '.join(sorted(missing))}: it was not "
-                                    "tokenized for stage dpo. Rerun tokenize (snakemake -R tokenize).")
+            require_columns(dataset, {"prompt_ids", "chosen_ids", "rejected_ids"}, dataset_name, "dpo")
             return dataset
 
     params, log = run.params, run.log

@@ -11,7 +11,6 @@ the desirable and undesirable losses. The reference model is the base. Evaluated
 from __future__ import annotations
 
 from ..encoding import encode_rows, infer_seqlen
-from ..errors import TunelineError
 
 RECORD = "tagged"
 EVALUATION = ("generation", "mmlu")
@@ -58,14 +57,11 @@ def trainer(run):
     second copy of the base)."""
     from trl import KTOTrainer
 
-    from . import frozen_reference
+    from . import frozen_reference, require_columns
 
     class PretokenizedKTOTrainer(KTOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            missing = {"prompt_ids", "completion_ids", "label"} - set(dataset.column_names)
-            if missing:
-                raise TunelineError(f"the {dataset_name} split has no {', '.join(sorted(missing))}: it was not "
-                                    "tokenized for stage kto. Rerun tokenize (snakemake -R tokenize).")
+            require_columns(dataset, {"prompt_ids", "completion_ids", "label"}, dataset_name, "kto")
             if self.calculate_KL:  # TRL's estimate: completions rotated by one within each batch
                 def rotate(batch):
                     batch["KL_completion_ids"] = [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]
