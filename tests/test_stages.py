@@ -285,3 +285,33 @@ def test_reference_free_preference_losses_reach_their_trl_trainer(tmp_path, tiny
     before = pair_margins(tiny_model, None, pairs / "tok")
     after = pair_margins(tiny_model, out, pairs / "tok")
     assert (after - before).mean() > 0.5 and (after > before).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize("stage,fixture", [("kto", "tagged"), ("dpo", "pairs")])
+def test_preference_stages_are_byte_reproducible(tmp_path, request, stage, fixture):
+    import subprocess
+    import sys
+
+    from test_methods import folder_digest
+
+    root = request.getfixturevalue(fixture)
+    model = request.getfixturevalue("tiny_model")
+    code = ("import logging, sys; from tuneline import train; from conftest import train_params; "
+            "train.main({'tokenized': sys.argv[1], 'model': sys.argv[2]}, {'adapter': sys.argv[3]}, "
+            f"train_params(quantization_bit=None, max_steps=3, stage='{stage}'), logging.getLogger('t'))")
+    for i, seed in enumerate(("1", "2")):  # separate interpreters, different hash seeds
+        env = {"PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO / "tests"), "PATH": "/usr/bin:/bin"}
+        subprocess.run([sys.executable, "-c", code, str(root / "tok"), str(model), str(tmp_path / f"run{i}")],
+                       check=True, env=env, cwd=tmp_path, capture_output=True)
+    first, second = folder_digest(tmp_path / "run0"), folder_digest(tmp_path / "run1")
+    assert "adapter_model.safetensors" in first and first == second
+
+
+def test_kto_runs_in_two_cpu_processes(tmp_path, tiny_model):
+    work = make_workdir(tmp_path, tiny_model, stage="kto", dataset="kto_en_demo", max_samples=16, max_steps=3,
+                        per_device_train_batch_size=2, nproc_per_node=2)
+    cfg = yaml.safe_load((work / "tuneline.yaml").read_text())
+    (work / "tuneline.yaml").write_text(yaml.safe_dump({**cfg, "dataset_dir": str(LF_DATA)}))
+    snakemake(work, "results/adapter", check=True)
+    report = json.loads((work / "results" / "adapter" / "train_report.json").read_text())
+    assert report["processes"] == 2 and report["stage"] == "kto" and report["global_steps"] == 3
