@@ -123,6 +123,7 @@ def test_llamafactory_keys_are_accepted_aliased_or_refused_with_what_to_use():
     c.check_unknown_keys(cfg)
     c.check_values(cfg)
     assert "do_train" not in cfg and "plot_loss" not in cfg and cfg["packing"] is True
+    assert c.rule_params(cfg, "train")["dataloader_num_workers"] == 4  # a Tuneline key: used
     assert cfg["gradient_checkpointing"] is True  # disable_gradient_checkpointing: false, negated
     assert any("`plot_loss` is accepted and not used: the loss curve is always drawn" in n for n in notes)
     assert any("`neat_packing` is read as `packing`" in n for n in notes)

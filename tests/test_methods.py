@@ -305,3 +305,11 @@ def test_qlora_on_cuda_computes_in_bf16_with_a_paged_8bit_optimizer(tmp_path, ti
     assert report["device"] == "cuda" and report["compute_dtype"] == "bfloat16"
     curve = losses(out)
     assert sum(curve[-3:]) / 3 < curve[0] - 0.5
+
+
+def test_dataloader_workers_build_the_batches(tmp_path, tiny_model, tokenized, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert train.training_arguments(train_params(dataloader_num_workers=2), tmp_path,
+                                    torch.float32).dataloader_num_workers == 2
+    out = run_train(tmp_path, tiny_model, tokenized, max_steps=2, dataloader_num_workers=2)
+    assert json.loads((out / "train_report.json").read_text())["global_steps"] == 2

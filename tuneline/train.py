@@ -68,7 +68,7 @@ def training_arguments(params: dict, out_dir: Path, dtype):
         optim=params["optim"],
         report_to=[] if params["report_to"] == "none" else [params["report_to"]],
         disable_tqdm=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=params["dataloader_num_workers"],
         **distributed_arguments(params, cuda),
         **extra,
     )
