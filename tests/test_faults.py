@@ -92,3 +92,15 @@ def test_export_dir_expands_the_home_folder(work, tmp_path, monkeypatch):
     proc = snakemake(work, "export", "--config", "export_format=merged", "export_dir=~/models/m")
     assert proc.returncode == 0, proc.output[-3000:]
     assert (tmp_path / "home" / "models" / "m" / "config.json").is_file() and not (work / "~").exists()
+
+
+def test_an_export_dir_copy_of_another_config_never_looks_current(work, tmp_path):
+    out = tmp_path / "exported"
+    args = ["export", "--config", "export_format=merged", f"export_dir={out}"]
+    assert snakemake(work, *args).returncode == 0
+    assert (out / "model.safetensors").is_file()
+    failing = snakemake(work, *args, "merge_tolerance=1e-30")
+    assert failing.returncode != 0 and "Error in rule merge" in failing.output
+    assert not out.exists()  # it was made from the merged model that this config replaces
+    again = snakemake(work, *args, "merge_tolerance=1e-30")
+    assert again.returncode != 0 and "Error in rule merge" in again.output, again.output[-2000:]

@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 from .errors import TunelineError
-
-MARKER = ".tuneline-export"
+from .rule import EXPORT_MARKER as MARKER
+from .rule import STAGING_PREFIX, register_external
 
 
 def check_target(export_dir: str, roots: list[str | Path], owned: list[str | Path]) -> str:
@@ -45,5 +45,6 @@ def main(inputs, outputs, params, log, threads=1):
     shutil.copytree(source, target)
     (target / MARKER).write_text(f"written by Tuneline's export rule from {source}; the next export replaces "
                                  "this folder.\n")
+    register_external(target.with_name(target.name.removeprefix(STAGING_PREFIX)))  # its final name
     log.info("copied %s (export_format %s) to %s", source, params["export_format"], target)
     return {"copied_from": str(source)}

@@ -30,6 +30,23 @@ from .errors import TunelineError
 
 RESULTS = Path("results")
 STAGING_PREFIX = ".partial."
+# Artifacts outside results/ that Tuneline wrote (the export rule's export_dir copies): listed here, and
+# each carries EXPORT_MARKER, so that they go stale with what they were made from like any other.
+EXTERNAL = RESULTS / ".external-artifacts"
+EXPORT_MARKER = ".tuneline-export"
+
+
+def register_external(folder: Path) -> None:
+    """Remember an artifact written outside results/ (an export_dir copy)."""
+    known = set(EXTERNAL.read_text().split("\n")) if EXTERNAL.is_file() else set()
+    EXTERNAL.parent.mkdir(parents=True, exist_ok=True)
+    EXTERNAL.write_text("\n".join(sorted((known | {str(Path(folder).resolve())}) - {""})) + "\n")
+
+
+def external_records() -> list[Path]:
+    folders = EXTERNAL.read_text().split("\n") if EXTERNAL.is_file() else []
+    return [Path(f) / provenance.FILENAME for f in folders
+            if f and (Path(f) / EXPORT_MARKER).is_file() and (Path(f) / provenance.FILENAME).is_file()]
 
 
 def setup_logging(log_file: str | None, name: str, mode: str = "w") -> logging.Logger:
@@ -79,10 +96,12 @@ def _norm(path) -> str:
 
 
 def downstream_artifacts(outputs, root: Path = RESULTS) -> list[Path]:
-    """Artifacts under `root` made (directly or transitively) from any of `outputs`, by their provenance."""
+    """Artifacts under `root` (and the export_dir copies Tuneline wrote) made, directly or transitively,
+    from any of `outputs`, by their provenance."""
     records = {}
     if root.is_dir():
-        for rec in list(root.rglob(provenance.FILENAME)) + list(root.rglob(provenance.SIDECAR_GLOB)):
+        found = list(root.rglob(provenance.FILENAME)) + list(root.rglob(provenance.SIDECAR_GLOB))
+        for rec in found + (external_records() if root == RESULTS else []):
             artifact = provenance.artifact_of(rec)
             if STAGING_PREFIX in str(artifact):
                 continue
