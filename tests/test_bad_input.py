@@ -87,7 +87,6 @@ def test_lora_target_matching_nothing_lists_modules(tmp_path, tiny_model):
 
 import logging  # noqa: E402
 
-from conftest import REPO  # noqa: E402
 from tuneline import records  # noqa: E402
 from tuneline.config import rule_params  # noqa: E402
 from tuneline.errors import TunelineError  # noqa: E402

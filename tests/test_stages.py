@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from conftest import LF_DATA, REPO, make_tokenized, make_workdir, planned_jobs, snakemake, train_params
-from tuneline import prepare_data, prepare_eval_data, records, tokenize, train
+from tuneline import prepare_eval_data, records, tokenize, train
 from tuneline.config import check_values, rule_params
 from tuneline.errors import TunelineError
 from tuneline.jsonl import read_jsonl

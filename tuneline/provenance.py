@@ -49,10 +49,10 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def record_path(artifact: str | Path) -> Path:
-    """Where an artifact's provenance lives: inside a folder, beside a file."""
+def sidecar(artifact: str | Path) -> Path:
+    """Where a file artifact's provenance lives: beside it, as .<name>.provenance.json."""
     artifact = Path(artifact)
-    return artifact / FILENAME if artifact.is_dir() else artifact.with_name(f".{artifact.name}.provenance.json")
+    return artifact.with_name(f".{artifact.name}.provenance.json")
 
 
 def artifact_of(record: Path) -> Path:
@@ -71,9 +71,9 @@ def read_inputs(record: Path) -> list[str] | None:
 
 
 def remove_record(artifact: Path) -> None:
-    sidecar = artifact.with_name(f".{artifact.name}.provenance.json")
-    if sidecar.is_file():
-        sidecar.unlink()
+    record = sidecar(artifact)
+    if record.is_file():
+        record.unlink()
 
 
 def write(out: str | Path, rule: str, params: dict, inputs: dict, extra: dict | None = None,
@@ -98,6 +98,6 @@ def write(out: str | Path, rule: str, params: dict, inputs: dict, extra: dict | 
     }
     if extra:
         record.update(extra)
-    target = out / FILENAME if out.is_dir() else artifact.with_name(f".{artifact.name}.provenance.json")
+    target = out / FILENAME if out.is_dir() else sidecar(artifact)
     target.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return record
