@@ -216,3 +216,44 @@ def test_a_llamafactory_example_config_plans_and_output_dir_says_what_to_do(tmp_
     assert "Tuneline: LLaMA-Factory's key `do_train` is accepted and not used" in proc.output
     fails(work, "results/merged_model", "--config", "output_dir=saves/qwen3-4b/lora/dpo",
           expect=["LLaMA-Factory's `output_dir` is not supported by Tuneline yet", "snakemake --directory"])
+
+
+@pytest.mark.parametrize("content, expect", [
+    ("max_steps: 2\n\tmax_samples: 24\n", ["bad.yaml:2:1: the config file is not valid YAML", "YAML does not allow tabs"]),
+    ("- max_steps: 2\n", ["bad.yaml: a config file is a mapping of keys", "not a list"]),
+    ("lerning_rate: 1.0\n", ["bad.yaml: unknown config key 'lerning_rate' (did you mean learning_rate?)"]),
+])
+def test_tuneline_run_names_the_config_file_and_line_snakemake_does_not(tmp_path, tiny_model, content, expect):
+    """Snakemake reads --configfile in its own command line, before any workflow code, and says only
+    "Config file is not valid JSON or YAML"; `tuneline run` checks the files first and names both."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    work = make_workdir(tmp_path, tiny_model)
+    (work / "bad.yaml").write_text(content)
+    proc = subprocess.run([sys.executable, "-m", "tuneline.cli", "run", "--snakefile", str(REPO / "Snakefile"),
+                           "--directory", str(work), "-n", "results/merged_model", "--configfile",
+                           str(work / "tuneline.yaml"), str(work / "bad.yaml")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for text in expect:
+        assert text in proc.stderr, proc.stderr
+    check = subprocess.run([sys.executable, "-m", "tuneline.cli", "check", str(work / "bad.yaml")],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 1 and expect[0] in check.stderr
+
+
+def test_tuneline_run_is_snakemake_with_the_same_arguments(tmp_path, tiny_model):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    work = make_workdir(tmp_path, tiny_model)
+    proc = subprocess.run([sys.executable, "-m", "tuneline.cli", "run", "--configfile", str(work / "tuneline.yaml"),
+                           "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "-n", "results/tokenized"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tokenize" in proc.stdout + proc.stderr and not (work / "results").exists()

@@ -1,4 +1,4 @@
-"""The `tuneline` command: `tuneline chat`, `tuneline keys` and `tuneline bench`."""
+"""The `tuneline` command: `tuneline run`, `check`, `chat`, `keys` and `bench`."""
 
 from __future__ import annotations
 
@@ -39,6 +39,46 @@ def _keys(args) -> int:
     return 0
 
 
+def _configfiles(snakemake_args: list[str]) -> list[str]:
+    """The files after --configfile/--configfiles (several may follow one flag, as in Snakemake)."""
+    files, taking = [], False
+    for arg in snakemake_args:
+        if arg in ("--configfile", "--configfiles"):
+            taking = True
+        elif arg.startswith(("--configfile=", "--configfiles=")):
+            files.append(arg.split("=", 1)[1])
+            taking = False
+        elif arg.startswith("-"):
+            taking = False
+        elif taking:
+            files.append(arg)
+    return files
+
+
+def _check(args) -> int:
+    from .config import check_config_file
+
+    for path in args.files:
+        check_config_file(path)
+        print(f"{path}: OK")
+    return 0
+
+
+def _run(args) -> int:
+    import os
+
+    from .config import check_config_file
+
+    for path in _configfiles(args.snakemake_args):
+        check_config_file(path)
+    argv = [sys.executable, "-m", "snakemake", *args.snakemake_args]  # this environment's snakemake
+    if not any(a in ("--cores", "-c", "--jobs", "-j", "--profile") or a.startswith(("--cores=", "-c", "-j"))
+               for a in args.snakemake_args):
+        argv += ["--cores", "all"]
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
 def _bench(args) -> int:
     from pathlib import Path
 
@@ -54,6 +94,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tuneline", description="LLM fine-tuning as a Snakemake pipeline. "
                                      "Run the pipeline with `snakemake --cores 4 results/merged_model`.")
     sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run", help="check the --configfile files, then run snakemake with the same arguments",
+        description="`tuneline run results/merged_model --configfile my.yaml` is `snakemake` with the same "
+                    "arguments (plus `--cores all` when no core count is given), after checking each config "
+                    "file first: Snakemake reads --configfile before any Tuneline code runs and reports a YAML "
+                    "error without its file or line; this names both.")
+    run.add_argument("snakemake_args", nargs=argparse.REMAINDER, metavar="SNAKEMAKE_ARGS",
+                     help="targets and snakemake options, as given to snakemake")
+    run.set_defaults(fn=_run)
+    check = sub.add_parser("check", help="check config files (YAML syntax with file and line, keys, values)",
+                           description="Run every check the workflow runs on a config file, without running it.")
+    check.add_argument("files", nargs="+", help="config files, as given to snakemake --configfile")
+    check.set_defaults(fn=_check)
     chat = sub.add_parser("chat", help="chat with a model folder or GGUF file (default: results/merged_model)",
                           description="Chat in the terminal with the template the model was trained with. "
                                       "Type /clear to forget the conversation, /exit to quit.")
@@ -81,7 +134,11 @@ def main(argv=None) -> int:
     bench.add_argument("snakemake_args", nargs="*", metavar="-- SNAKEMAKE_ARGS",
                        help="further snakemake options after --, e.g. -- --profile profiles/slurm")
     bench.set_defaults(fn=_bench)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"] and not {"-h", "--help"} & set(argv[1:2]):  # everything after `run` is snakemake's
+        args = argparse.Namespace(fn=_run, snakemake_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.fn(args)
     except TunelineError as err:

@@ -66,6 +66,48 @@ def adopt_foreign_keys(config: dict, schema: dict | None = None) -> list[str]:
     return notes
 
 
+def load_config_file(path: str | Path) -> dict:
+    """A config file as `snakemake --configfile` reads it, with errors that name the file and line.
+
+    Snakemake loads `--configfile` in its own command line, before any workflow code runs, and
+    says only "Config file is not valid JSON or YAML"; `tuneline run` and `tuneline check` call
+    this first so the user learns where."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TunelineError(f"config file {path} does not exist.") from None
+    except UnicodeDecodeError as err:
+        raise TunelineError(f"config file {path} is not UTF-8 text (byte {err.start}).") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        tab = " Indent with spaces: YAML does not allow tabs." if "'\\t'" in str(err) else ""
+        raise TunelineError(f"{where}: the config file is not valid YAML ({problem}).{tab}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TunelineError(f"{path}: a config file is a mapping of keys (`learning_rate: 1.0e-4`, one per line), "
+                            f"not a {type(data).__name__}.")
+    return data
+
+
+def check_config_file(path: str | Path, schema: dict | None = None) -> dict:
+    """Every check the workflow runs on a config, applied to one file on its own."""
+    config = load_config_file(path)
+    try:
+        adopt_foreign_keys(config, schema)
+        check_unknown_keys(config, schema)
+        coerce_cli_values(config, schema)
+        check_values(config, schema)
+    except TunelineError as err:
+        raise TunelineError(f"{path}: {err}") from None
+    return config
+
+
 def check_unknown_keys(config: dict, schema: dict | None = None) -> None:
     """Reject keys the schema does not define, naming the nearest valid key."""
     known = keys(schema)
