@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import make_tokenized, train_params
@@ -169,19 +170,27 @@ def test_two_clean_runs_write_byte_identical_adapters(tmp_path, tiny_model, toke
     assert first == second
 
 
-def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_model):
+@pytest.mark.parametrize("stage,dataset", [("sft", None), ("kto", "kto_en_demo"), ("rm", "dpo_en_demo")])
+def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_model,
+                                                                                             stage, dataset):
     import os
     import signal
     import subprocess
     import time
 
-    from conftest import REPO, SNAKEMAKE, make_workdir, snakemake
+    from conftest import LF_DATA, REPO, SNAKEMAKE, make_workdir, snakemake
 
     overrides = dict(max_steps=40, save_steps=5, logging_steps=1, per_device_train_batch_size=8)
+    if dataset:  # LLaMA-Factory's demo data for the preference stages
+        overrides.update(stage=stage, dataset=dataset, max_samples=16, cutoff_len=96)
     straight = make_workdir(tmp_path / "straight", tiny_model, **overrides)
+    if dataset:
+        for work in (straight, make_workdir(tmp_path / "killed", tiny_model, **overrides)):
+            cfg = yaml.safe_load((work / "tuneline.yaml").read_text())
+            (work / "tuneline.yaml").write_text(yaml.safe_dump({**cfg, "dataset_dir": str(LF_DATA)}))
     snakemake(straight, "results/adapter", check=True)
 
-    work = make_workdir(tmp_path / "killed", tiny_model, **overrides)
+    work = tmp_path / "killed" if dataset else make_workdir(tmp_path / "killed", tiny_model, **overrides)
     cmd = [SNAKEMAKE, "--configfile", str(work / "tuneline.yaml"), "--snakefile", str(REPO / "Snakefile"),
            "--directory", str(work), "--cores", "2", "results/adapter"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

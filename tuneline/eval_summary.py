@@ -10,7 +10,9 @@ def rows(base: dict, tuned: dict) -> list[dict]:
     out = []
     for metric in ("bleu-4", "rouge-1", "rouge-2", "rouge-l") if tuned["generation"] else ():
         out.append({"metric": metric, "base": base["generation"][metric], "tuned": tuned["generation"][metric]})
-    for category in tuned["mmlu"]["accuracy"]:
+    for metric, label in (("accuracy", "reward accuracy"), ("mean_margin", "reward margin")) if tuned["pairwise"] else ():
+        out.append({"metric": label, "base": base["pairwise"][metric], "tuned": tuned["pairwise"][metric]})
+    for category in tuned["mmlu"]["accuracy"] if tuned["mmlu"] else ():
         out.append({"metric": f"{tuned['mmlu']['task']} {category}", "base": base["mmlu"]["accuracy"].get(category),
                     "tuned": tuned["mmlu"]["accuracy"][category]})
     for row in out:
@@ -18,12 +20,19 @@ def rows(base: dict, tuned: dict) -> list[dict]:
     return out
 
 
-def markdown(table: list[dict], samples: int | None, questions: int) -> str:
-    generation = ("No generation metrics: stage pt data has no responses to score. " if samples is None else
-                  f"Generation metrics on {samples} eval-split samples (percent; see tuneline/score_generation.py "
-                  f"for how each is computed); ")
-    lines = ["# Evaluation: base vs tuned\n",
-             f"{generation}multiple-choice accuracy (percent) on {questions} questions.\n",
+def markdown(table: list[dict], tuned: dict) -> str:
+    parts = []
+    if tuned["generation"]:
+        parts.append(f"Generation metrics on {tuned['generation']['samples']} eval-split samples (percent; see "
+                     "tuneline/score_generation.py for how each is computed)")
+    elif tuned["mmlu"]:
+        parts.append("No generation metrics: stage pt data has no responses to score")
+    if tuned["pairwise"]:
+        parts.append(f"reward-model pairwise accuracy (percent: chosen scored above rejected) and mean margin on "
+                     f"{tuned['pairwise']['pairs']} eval-split pairs; the base is the base model with a new value head")
+    if tuned["mmlu"]:
+        parts.append(f"multiple-choice accuracy (percent) on {tuned['mmlu']['questions']} questions")
+    lines = ["# Evaluation: base vs tuned\n", "; ".join(parts) + ".\n",
              "| metric | base | tuned | delta |", "|---|---:|---:|---:|"]
     for r in table:
         fmt = lambda v: "–" if v is None else f"{v:.2f}"
@@ -34,10 +43,10 @@ def markdown(table: list[dict], samples: int | None, questions: int) -> str:
 
 def main(inputs, outputs, params, log, threads=1):
     load = lambda key: json.loads(Path(inputs[key]).read_text()) if key in inputs else None
-    base = {"generation": load("base_generation"), "mmlu": load("base_mmlu")}
-    tuned = {"generation": load("tuned_generation"), "mmlu": load("tuned_mmlu")}
+    base, tuned = ({kind: load(f"{model}_{kind}") for kind in ("generation", "mmlu", "pairwise")}
+                   for model in ("base", "tuned"))
     table = rows(base, tuned)
     Path(outputs["json"]).write_text(json.dumps({"rows": table, "base": base, "tuned": tuned}, indent=2) + "\n")
-    text = markdown(table, tuned["generation"]["samples"] if tuned["generation"] else None, tuned["mmlu"]["questions"])
+    text = markdown(table, tuned)
     Path(outputs["markdown"]).write_text(text)
     log.info("\n%s", text)

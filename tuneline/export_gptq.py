@@ -78,9 +78,10 @@ def main(inputs, outputs, params, log, threads=1):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
-    from .modeling import load_for_inference
+    from .modeling import load_for_inference, require_causal_lm
 
     model_dir, out = Path(inputs["model"]), Path(outputs["model"])
+    require_causal_lm(model_dir, "GPTQ")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = load_template(model_dir, tokenizer)
     texts = calibration_texts(load_examples(inputs, params, log), template, tokenizer,

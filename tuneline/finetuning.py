@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import stages
 from .errors import TunelineError
 from .modeling import load_causal_lm, lora_targets
 
@@ -73,7 +74,8 @@ def build_model(base: str, params: dict, dtype, log):
         if params["quantization_bit"] == 4:  # type and double quantization are 4-bit options only
             quant.update(type=params["quantization_type"], double=params["double_quantization"])
     model_dtype = dtype if torch.cuda.is_available() or dtype == torch.float32 else torch.float32
-    model = load_causal_lm(base, model_dtype, quant)
+    reward = stages.get(params["stage"]).MODEL == "reward"  # stage rm: a value head on the decoder
+    model = load_causal_lm(base, model_dtype, quant, reward=reward)
     if method != "lora":
         if method == "freeze":
             trained = apply_freeze(model, params)
@@ -94,7 +96,8 @@ def build_model(base: str, params: dict, dtype, log):
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     lora = LoraConfig(r=params["lora_rank"], lora_alpha=params["lora_alpha"] or 2 * params["lora_rank"],
-                      lora_dropout=params["lora_dropout"], target_modules=targets, task_type="CAUSAL_LM",
+                      lora_dropout=params["lora_dropout"], target_modules=targets,
+                      task_type="SEQ_CLS" if reward else "CAUSAL_LM",  # SEQ_CLS: PEFT trains and saves `score` in full
                       use_dora=params["use_dora"], use_rslora=params["use_rslora"],
                       modules_to_save=_names(params["additional_target"]) or None,
                       # a tied embedding trained in full must stay tied to the output layer

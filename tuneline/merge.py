@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from .errors import TunelineError
-from .modeling import load_causal_lm, packed_4bit_weights, pad_id
+from .modeling import is_reward_model, load_causal_lm, packed_4bit_weights, pad_id
 from .templates import SlotRenderer, from_description
 from .verify import CHECK_PROMPTS, compare, prompt_logits
 
@@ -44,15 +44,16 @@ def main(inputs, outputs, params, log, threads=1):
         return save_merged(merged, tokenizer, template, adapter, Path(outputs["model"]), report, params)
 
     quant = report_in.get("quantization")
+    reward = is_reward_model(adapter)  # stage rm: the base gets the value head the adapter carries
     merge_base = params["merge_base"] if quant else "original"
     report = {"finetuning_type": "lora", "merged": True, "merge_base": merge_base,
               "merge_tolerance": params["merge_tolerance"], "prompts": CHECK_PROMPTS}
     log.info("loading the base in fp32 and applying the adapter")
-    merged, report["merge_error"], merged_logits = merge_into(load_causal_lm(inputs["model"], torch.float32),
+    merged, report["merge_error"], merged_logits = merge_into(load_causal_lm(inputs["model"], torch.float32, reward=reward),
                                                               adapter, template)
     if quant:
         log.info("loading the %d-bit base the adapter was trained on", quant["bits"])
-        qmodel = PeftModel.from_pretrained(load_causal_lm(inputs["model"], torch.float32, quant), adapter).eval()
+        qmodel = PeftModel.from_pretrained(load_causal_lm(inputs["model"], torch.float32, quant, reward), adapter).eval()
         trained_logits = prompt_logits(qmodel, template)
         packed = packed_4bit_weights(qmodel)
         if packed:  # standard_4bit_layout failed to keep bitsandbytes from repacking: dequantize would be garbage
@@ -126,8 +127,11 @@ def save_merged(merged, tokenizer, template, adapter: Path, out: Path, report: d
         )
     if isinstance(template, SlotRenderer):
         tokenizer.chat_template = template.to_jinja()  # HF users get the training format
-    merged.generation_config.eos_token_id = template.stop_token_ids()
-    merged.generation_config.pad_token_id = pad_id(tokenizer)
+    if merged.can_generate():
+        merged.generation_config.eos_token_id = template.stop_token_ids()
+        merged.generation_config.pad_token_id = pad_id(tokenizer)
+    else:  # a reward model: its value head reads the last token that is not padding
+        merged.config.pad_token_id = pad_id(tokenizer)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.copy(adapter / "template.json", out / "template.json")

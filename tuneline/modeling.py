@@ -49,7 +49,7 @@ def compute_dtype(bf16: bool, fp16: bool, log=None):
     return torch.bfloat16 if device_supports_bf16() else torch.float32
 
 
-def bnb_config(bits: int | None, quant_type: str, double_quant: bool, dtype):
+def bnb_config(bits: int | None, quant_type: str, double_quant: bool, dtype, skip: list[str] | None = None):
     if bits is None:
         return None
     from transformers import BitsAndBytesConfig
@@ -57,26 +57,55 @@ def bnb_config(bits: int | None, quant_type: str, double_quant: bool, dtype):
     if bits == 4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                   bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype,
-                                  bnb_4bit_quant_storage=dtype)
+                                  bnb_4bit_quant_storage=dtype, llm_int8_skip_modules=skip)
     if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     raise TunelineError(f"quantization_bit must be 4, 8 or null, not {bits}.")
 
 
-def load_causal_lm(path, dtype, quantization: dict | None = None):
-    """The base model in `dtype`, quantised on load when `quantization` (bits/type/double) is given."""
+def is_reward_model(path) -> bool:
+    """A folder holding a reward model (stage rm): a LoRA adapter of task SEQ_CLS, or a model whose
+    architecture is *ForSequenceClassification (a scalar value head, `score`, on the decoder)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file():
+        return json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+    if (folder / "config.json").is_file():
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        return any(a.endswith("ForSequenceClassification") for a in architectures)
+    return False
+
+
+def require_causal_lm(path, export: str) -> None:
+    """Quantized exports verify a model by its next-token logits and greedy answers: a reward model
+    (stage rm) has neither, only the value head's score."""
+    if is_reward_model(path):
+        raise TunelineError(f"{path} is a reward model (stage rm): the {export} export is for generating models. "
+                            "Use export_format: merged, which keeps the value head (`score`) in safetensors.")
+
+
+def load_causal_lm(path, dtype, quantization: dict | None = None, reward: bool | None = None):
+    """The base model in `dtype`, quantised on load when `quantization` (bits/type/double) is given.
+
+    reward: load it with a scalar value head (AutoModelForSequenceClassification, num_labels 1; a
+    causal LM's folder gets a new head, initialised from the current seed). None: as the folder says
+    (`is_reward_model`)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     require_safetensors(path)
+    reward = is_reward_model(path) if reward is None else reward
     q = quantization or {}
-    kwargs = {}
-    bnb = bnb_config(q.get("bits"), q.get("type", "nf4"), q.get("double", True), dtype)
+    kwargs = {"num_labels": 1} if reward else {}
+    bnb = bnb_config(q.get("bits"), q.get("type", "nf4"), q.get("double", True), dtype,
+                     skip=["score"] if reward else None)  # the value head stays in full precision
     if bnb is not None:
         kwargs["quantization_config"] = bnb
         kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
-    return standard_4bit_layout(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                                      **kwargs))
+    model_class = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    return standard_4bit_layout(model_class.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs))
 
 
 def require_safetensors(path) -> None:
@@ -130,6 +159,10 @@ def pad_id(tokenizer) -> int:
 def load_for_inference(path):
     """A saved model folder in fp32, in eval mode (predict, mmlu, chat)."""
     import torch
+
+    if is_reward_model(path):
+        raise TunelineError(f"{path} is a reward model (stage rm): it scores a conversation, it does not "
+                            "generate one. Its evaluation is rule reward_accuracy.")
 
     return load_causal_lm(path, torch.float32).eval()
 

@@ -92,6 +92,9 @@ def train(inputs, outputs, params, log, threads=1):
         log.warning("%s: not used in a single-process run (nproc_per_node x nnodes = 1); train_report.json "
                     "records what was used under `distributed`", " and ".join(unused))
     dtype = compute_dtype(params["bf16"], params["fp16"], log)
+    # a trainer's dataset.map (KTO's KL pairs) would otherwise cache its result next to the arrow files
+    # of results/tokenized: an upstream artifact changed by this rule, and a resume key that no longer matches
+    datasets.disable_caching()
     tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -28,7 +28,8 @@ def compare(a: list, b: list) -> dict:
     import torch
 
     max_diff = max(float((x - y).abs().max()) for x, y in zip(a, b))
-    agree = torch.cat([(x.argmax(-1) == y.argmax(-1)).float() for x, y in zip(a, b)]).mean()
+    # a reward model's "logits" are one score per prompt: its top-1 agreement is trivially 1
+    agree = torch.cat([torch.atleast_1d(x.argmax(-1) == y.argmax(-1)).float() for x, y in zip(a, b)]).mean()
     return {"max_abs_logit_diff": max_diff, "top1_agreement": round(float(agree), 4)}
 
 

@@ -6,8 +6,11 @@ A stage module defines:
     RECORD       what prepare_data keeps of a record: "conversation" ({messages, system, tools}),
                  "text" ({text}), "pair" (a conversation plus `rejected`) or "tagged" (a
                  conversation plus a boolean `label`, LLaMA-Factory's kto_tag)
-    EVALUATION   the evaluation targets that apply: "generation" (predict + BLEU/ROUGE), "mmlu"
+    EVALUATION   the evaluation targets that apply: "generation" (predict + BLEU/ROUGE), "mmlu",
+                 "pairwise" (a reward model's accuracy on ranked pairs)
     PACKING      whether packed batches apply (`packing` is ignored, with a log line, otherwise)
+    MODEL        the model class trained, merged and evaluated: "causal_lm", or "reward" (a scalar
+                 value head, AutoModelForSequenceClassification with one label)
     encode(template, examples, params, log, split) -> (columns, stats)      rule tokenize
     training_arguments(params) -> (TrainingArguments class, extra kwargs)  rule train
     trainer(run) -> a transformers Trainer                                 rule train
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = ("sft", "pt", "dpo", "kto")
+STAGES = ("sft", "pt", "dpo", "kto", "rm")
 
 
 def get(stage: str):

@@ -13,6 +13,7 @@ from ..encoding import encode_rows, infer_seqlen
 RECORD = "pair"
 EVALUATION = ("generation", "mmlu")
 PACKING = False  # TRL pads each batch of pairs
+MODEL = "causal_lm"  # the model class trained, merged and evaluated ("reward": a value head, stage rm)
 
 
 def encode_pairwise(template, example: dict, cutoff_len: int) -> tuple[dict, bool]:

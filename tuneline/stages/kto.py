@@ -15,6 +15,7 @@ from ..encoding import encode_rows, infer_seqlen
 RECORD = "tagged"
 EVALUATION = ("generation", "mmlu")
 PACKING = False  # TRL pads each batch
+MODEL = "causal_lm"  # the model class trained, merged and evaluated ("reward": a value head, stage rm)
 adapters_to_drop = ("ref",)  # KTOTrainer's frozen reference copy of the adapter
 
 

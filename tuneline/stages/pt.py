@@ -13,6 +13,7 @@ from . import sft
 RECORD = "text"
 EVALUATION = ("mmlu",)
 PACKING = True
+MODEL = "causal_lm"  # the model class trained, merged and evaluated ("reward": a value head, stage rm)
 training_arguments, trainer, real_tokens = sft.training_arguments, sft.trainer, sft.real_tokens
 
 

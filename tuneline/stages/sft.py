@@ -13,6 +13,7 @@ from ..encoding import IGNORE_INDEX, encode_rows, infer_seqlen
 RECORD = "conversation"
 EVALUATION = ("generation", "mmlu")
 PACKING = True
+MODEL = "causal_lm"  # the model class trained, merged and evaluated ("reward": a value head, stage rm)
 
 
 def encode_supervised(template, example: dict, cutoff_len: int, train_on_prompt: bool,

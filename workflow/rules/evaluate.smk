@@ -67,15 +67,39 @@ rule mmlu:
         "../../scripts/mmlu.py"
 
 
+rule reward_accuracy:
+    """A reward model's pairwise accuracy (stage rm): chosen scored above rejected on the eval split."""
+    input:
+        model=lambda wildcards: MODEL_DIRS[wildcards.model],
+        tokenized="results/tokenized",
+    output:
+        scores="results/eval/{model}/reward_accuracy.json",
+    log:
+        "logs/reward_accuracy_{model}.log",
+    benchmark:
+        "results/benchmarks/reward_accuracy_{model}.tsv"
+    resources:
+        **resources_for("reward_accuracy"),
+    threads: threads_for("reward_accuracy")
+    params:
+        cfg=params_for("reward_accuracy"),
+    script:
+        "../../scripts/reward_accuracy.py"
+
+
+EVALUATION_OUTPUTS = {  # what each evaluation of a stage's EVALUATION writes, per model
+    "generation": "predict_results.json",
+    "mmlu": "mmlu.json",
+    "pairwise": "reward_accuracy.json",
+}
+
+
 rule eval_summary:
     """Base vs tuned, side by side, with the delta."""
     input:
-        # the stage says which evaluations apply (stage pt: no responses to generate and score)
-        **({"base_generation": "results/eval/base/predict_results.json",
-            "tuned_generation": "results/eval/tuned/predict_results.json"}
-           if "generation" in stages.get(config["stage"]).EVALUATION else {}),
-        base_mmlu="results/eval/base/mmlu.json",
-        tuned_mmlu="results/eval/tuned/mmlu.json",
+        # the stage says which evaluations apply (pt: no responses to score; rm: pairwise accuracy only)
+        **{f"{model}_{kind}": f"results/eval/{model}/{EVALUATION_OUTPUTS[kind]}"
+           for kind in stages.get(config["stage"]).EVALUATION for model in ("base", "tuned")},
     output:
         markdown=report("results/eval/summary.md", caption="../../report/summary.rst", category="Evaluation"),
         json="results/eval/summary.json",
