@@ -251,9 +251,10 @@ def test_every_stage_of_the_schema_has_its_module_with_the_interface():
         assert isinstance(module.PACKING, bool)
 
 
-@pytest.mark.parametrize("stage,dataset", [("kto", "kto_en_demo"), ("dpo", "dpo_en_demo")])
+@pytest.mark.parametrize("stage,dataset", [("kto", "kto_en_demo"), ("dpo", "dpo_en_demo"), ("grpo", "alpaca_en_demo")])
 def test_preference_stages_run_the_whole_dag(tmp_path, tiny_model, stage, dataset):
-    work = make_workdir(tmp_path, tiny_model, stage=stage, dataset=dataset, max_samples=16, val_size=4, max_steps=3)
+    work = make_workdir(tmp_path, tiny_model, stage=stage, dataset=dataset, max_samples=16, val_size=4, max_steps=3,
+                        max_completion_length=16)
     cfg = yaml.safe_load((work / "tuneline.yaml").read_text())
     (work / "tuneline.yaml").write_text(yaml.safe_dump({**cfg, "dataset_dir": str(LF_DATA)}))
     snakemake(work, "all", check=True)
@@ -288,7 +289,7 @@ def test_reference_free_preference_losses_reach_their_trl_trainer(tmp_path, tiny
     assert (after - before).mean() > 0.5 and (after > before).float().mean() >= 0.75
 
 
-@pytest.mark.parametrize("stage,fixture", [("kto", "tagged"), ("dpo", "pairs"), ("rm", "ranked")])
+@pytest.mark.parametrize("stage,fixture", [("kto", "tagged"), ("dpo", "pairs"), ("rm", "ranked"), ("grpo", "prompts")])
 def test_preference_stages_are_byte_reproducible(tmp_path, request, stage, fixture):
     import subprocess
     import sys
@@ -349,7 +350,7 @@ def test_rm_encodes_whole_conversations_from_llamafactorys_ranking_data(ranked, 
     assert all(max(len(r["chosen_ids"]), len(r["rejected_ids"])) <= 96 for r in ds)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_rm_learns_to_rank_chosen_above_rejected_and_merges_with_its_value_head(tmp_path, tiny_model, ranked,
                                                                                  monkeypatch, method):
     from safetensors import safe_open
@@ -358,10 +359,12 @@ def test_rm_learns_to_rank_chosen_above_rejected_and_merges_with_its_value_head(
 
     monkeypatch.chdir(tmp_path)
     out, history = run_train(tmp_path, tiny_model, ranked / "tok", max_steps=12, stage="rm",
-                             learning_rate=1e-2 if method == "lora" else 1e-3, finetuning_type=method)
+                             learning_rate=1e-3 if method == "full" else 1e-2,
+                             finetuning_type="full" if method == "full" else "lora",
+                             quantization_bit=4 if method == "qlora" else None)
     curve = losses(history)
     assert curve[-1] < curve[0] and curve[-1] < LN2
-    if method == "lora":
+    if method != "full":
         cfg = json.loads((out / "adapter_config.json").read_text())
         assert cfg["task_type"] == "SEQ_CLS" and "score" in cfg["modules_to_save"]
         with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
@@ -409,3 +412,67 @@ def test_training_leaves_the_tokenized_data_as_tokenize_wrote_it(tmp_path, tiny_
     before = sorted(p.name for p in tok.rglob("*"))
     run_train(tmp_path, tiny_model, tok, max_steps=1, stage="kto")
     assert sorted(p.name for p in tok.rglob("*")) == before
+
+
+# ---------------------------------------------------------------- online RL: grpo, rloo
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("online")
+    make_tokenized(root, tiny_model, cutoff_len=64, stage="grpo", max_samples=16)
+    return root
+
+
+def rewards(history) -> list[float]:
+    return [h["reward"] for h in history if "reward" in h]
+
+
+def test_online_prompts_are_rendered_with_the_template_and_keep_the_solution(prompts, tokenizer):
+    ds = datasets.load_from_disk(str(prompts / "tok" / "train"))
+    assert set(ds.column_names) == {"prompt", "prompt_ids", "solution"}
+    row = ds[0]
+    assert tokenizer.decode(row["prompt_ids"]) == row["prompt"] and row["prompt"].endswith("<|im_start|>assistant\n")
+    assert row["solution"] and row["solution"] not in row["prompt"]
+
+
+def test_grpo_raises_the_reward_of_its_reward_function(tmp_path, tiny_model, prompts, monkeypatch):
+    from tuneline.stages import online
+
+    monkeypatch.chdir(tmp_path)
+    out, history = run_train(tmp_path, tiny_model, prompts / "tok", max_steps=15, stage="grpo", learning_rate=5e-2,
+                             reward_funcs="format", reward_format="^[a-z]", max_completion_length=8,
+                             num_generations=4, per_device_train_batch_size=16)
+    curve = rewards(history)
+    assert len(curve) == 15 and sum(curve[:3]) / 3 < 0.5 and sum(curve[-3:]) / 3 > 0.8, curve
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    exact, overlap, fmt = online.reward_functions({"reward_funcs": "exact_match,overlap,format",
+                                                   "reward_format": r"^\d+$"})
+    assert exact(["Paris ", "paris", "Lyon"], ["paris"] * 3) == [1.0, 1.0, 0.0]
+    assert overlap(["the cat sat", "dog"], ["the cat", "cat"]) == [0.8, 0.0]
+    assert fmt(["42", "4 2"]) == [1.0, 0.0]
+    with pytest.raises(TunelineError, match="reward_funcs: bleu - the reward functions are exact_match, overlap"):
+        online.reward_functions({"reward_funcs": "bleu", "reward_format": "x"})
+    with pytest.raises(TunelineError, match="num_generations=3 must divide"):
+        train.training_arguments(train_params(stage="grpo", num_generations=3), tmp_path, torch.float32)
+
+
+def test_rloo_trains_against_the_reward_model_that_stage_rm_wrote(tmp_path, tiny_model, ranked, prompts, monkeypatch):
+    from tuneline import merge
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TunelineError, match="stage rloo needs reward_model"):
+        run_train(tmp_path, tiny_model, prompts / "tok", name="none", max_steps=1, stage="rloo")
+    rm, _ = run_train(tmp_path, tiny_model, ranked / "tok", name="rm", max_steps=12, stage="rm", learning_rate=1e-2)
+    merge.main({"adapter": str(rm), "model": str(tiny_model)}, {"model": str(tmp_path / "rm-merged")},
+               rule_params({"merge_tolerance": 1e-3}, "merge"), LOG)
+    out, history = run_train(tmp_path, tiny_model, prompts / "tok", max_steps=6, stage="rloo", learning_rate=1e-2,
+                             reward_model=str(tmp_path / "rm-merged"), max_completion_length=8, num_generations=4,
+                             per_device_train_batch_size=16)
+    steps = [h for h in history if "reward" in h]
+    # every completion is scored by the reward model (TRL names the reward by its folder), the scores of a
+    # group differ (a learning signal), and the policy moves away from the reference (KL > 0)
+    assert len(steps) == 6 and all(h["rewards/rm-merged/mean"] == h["reward"] for h in steps)
+    assert all(h["reward_std"] > 0 for h in steps) and steps[-1]["kl"] > 0 and steps[-1]["grad_norm"] > 0
+    # on this random tiny model the mean reward does not rise measurably in a few steps (measured: noise);
+    # the stage's learning is shown by grpo's test, which runs the same pipeline through the same machinery
+    assert (out / "adapter_model.safetensors").is_file()

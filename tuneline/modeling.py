@@ -105,7 +105,10 @@ def load_causal_lm(path, dtype, quantization: dict | None = None, reward: bool |
         kwargs["quantization_config"] = bnb
         kwargs["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
     model_class = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
-    return standard_4bit_layout(model_class.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs))
+    model = model_class.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
+    if reward and bnb is not None:  # the skipped value head is created in the checkpoint's dtype (bf16)
+        model.score.to(dtype)
+    return standard_4bit_layout(model)
 
 
 def require_safetensors(path) -> None:

@@ -134,6 +134,14 @@ def train(inputs, outputs, params, log, threads=1):
     eval_during = eval_ds if params["eval_strategy"] != "no" else None
     trainer = stage.trainer(TrainRun(model, args, params, tokenizer, train_ds, eval_during, optimizers,
                                      inputs["model"], log))
+    if quant and dtype == torch.float32:  # TRL's trainers cast a quantized model's trainable weights to bf16
+        # (the QLoRA paper's choice, for GPUs): in an fp32 run (CPU) that is a dtype mismatch (rm's value head
+        # fails on it) and slow bf16 emulation on CPUs without bf16 units. Keep them in fp32.
+        recast = [p for p in model.parameters() if p.requires_grad and p.dtype != dtype]
+        for param in recast:
+            param.data = param.data.to(dtype)
+        if recast:
+            log.info("trainable weights kept in %s (%d tensors)", str(dtype).replace("torch.", ""), len(recast))
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = ("sft", "pt", "dpo", "kto", "rm")
+STAGES = ("sft", "pt", "dpo", "kto", "rm", "grpo", "rloo")
 
 
 def get(stage: str):

@@ -3,6 +3,8 @@ rule train:
     input:
         tokenized="results/tokenized",
         model="results/base_model",
+        # stage rloo: the reward model (a stage rm folder) is an input like any other
+        **({"reward_model": config["reward_model"]} if config["reward_model"] else {}),
     output:
         adapter=report(directory("results/adapter"), patterns=["{name}.png"], caption="../../report/loss.rst",
                        category="Training"),
