@@ -184,6 +184,14 @@ def check_files(config: dict) -> None:
     if path and not os.path.isfile(os.path.expanduser(path)):
         raise TunelineError(f"config key 'deepspeed' = {path!r}: no such file. Give the path of a DeepSpeed JSON "
                             "config (relative to the working directory), or leave the key unset.")
+    adapter = config.get("adapter_name_or_path")
+    if adapter:
+        if "," in str(adapter):
+            raise TunelineError(f"config key 'adapter_name_or_path' = {adapter!r}: Tuneline takes one adapter; merge "
+                                "several with LLaMA-Factory first, or give the one to use.")
+        if not os.path.isfile(os.path.join(os.path.expanduser(adapter), "adapter_config.json")):
+            raise TunelineError(f"config key 'adapter_name_or_path' = {adapter!r}: no adapter_config.json there. Give "
+                                "the local folder a PEFT adapter was saved to (hub adapters: download them first).")
 
 
 def rule_keys(rule: str, schema: dict | None = None) -> list[str]:

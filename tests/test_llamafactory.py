@@ -1,0 +1,96 @@
+"""LLaMA-Factory drop-in (issue #16): an adapter trained elsewhere is merged, evaluated, exported and
+chatted with, as LLaMA-Factory's merge_lora and inference YAMLs do."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import make_workdir, planned_jobs, snakemake
+
+
+def peft_adapter(model_dir, out, seed=1):
+    """A LoRA adapter saved by PEFT itself, with non-zero B (as a trained one): what a user brings."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(out)
+    return out
+
+
+def other_model(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    return tmp_path / "other"
+
+
+def lf_merge_yaml(work, tiny_model, adapter, **extra):
+    # LLaMA-Factory's examples/merge_lora/qwen3_lora_sft.yaml, model and template swapped for local ones
+    cfg = yaml.safe_load((work / "tuneline.yaml").read_text())
+    cfg.update({"model_name_or_path": str(tiny_model), "adapter_name_or_path": str(adapter), "template": "chatml",
+                "trust_remote_code": True, "export_size": 5, "export_device": "cpu", "export_legacy_format": False,
+                **extra})
+    (work / "tuneline.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_a_peft_adapter_is_merged_evaluated_and_chatted_with_without_training(tmp_path, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = peft_adapter(tiny_model, tmp_path / "their-adapter")
+    work = make_workdir(tmp_path / "w", tiny_model)
+    lf_merge_yaml(work, tiny_model, adapter)
+    assert planned_jobs(work, "results/merged_model") == {"base_model", "import_adapter", "merge"}
+    snakemake(work, "results/merged_model", check=True)
+    report = json.loads((work / "results" / "adapter" / "train_report.json").read_text())
+    assert report["imported_from"] == str(adapter) and report["max_abs_logit_change"] > 1e-3
+    gates = json.loads((work / "results" / "merged_model" / "merge_report.json").read_text())["gates"]
+    assert gates and all(g["passed"] for g in gates)
+    ids = torch.tensor([[5, 9, 12, 7]])
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter).eval()(ids).logits
+    merged = AutoModelForCausalLM.from_pretrained(work / "results" / "merged_model").eval()(ids).logits
+    assert torch.allclose(expected, merged, atol=1e-4)
+    chat = subprocess.run([sys.executable, "-m", "tuneline.cli", "chat", str(work / "results" / "merged_model"),
+                           "--prompt", "Who are you?", "--max-new-tokens", "4"], capture_output=True, text=True,
+                          timeout=300, cwd=work)
+    assert chat.returncode == 0 and "Assistant:" in chat.stdout, chat.stderr[-2000:]
+    evaluation = planned_jobs(work, "evaluate")  # base vs the imported adapter, nothing trained
+    assert {"predict", "mmlu", "eval_summary"} <= evaluation and not {"train", "import_adapter"} & evaluation
+
+
+def test_an_adapter_of_another_model_is_refused_naming_the_tensor(tmp_path, tiny_model):
+    adapter = peft_adapter(other_model(tmp_path), tmp_path / "wrong-adapter")
+    work = make_workdir(tmp_path / "w", tiny_model)
+    lf_merge_yaml(work, tiny_model, adapter)
+    proc = snakemake(work, "results/merged_model")
+    assert proc.returncode != 0 and "does not fit this base model" in proc.output and "size mismatch" in proc.output
+    assert not (work / "results" / "adapter").exists()
+
+
+@pytest.mark.parametrize("setup, expect", [
+    (lambda d: (d / "adapter_model.safetensors").rename(d / "adapter_model.bin"), "has no adapter_model.safetensors"),
+    (lambda d: (d / "adapter_config.json").unlink(), "no adapter_config.json there"),
+])
+def test_an_adapter_folder_that_is_not_a_safe_peft_adapter_is_refused(tmp_path, tiny_model, setup, expect):
+    adapter = peft_adapter(tiny_model, tmp_path / "a")
+    setup(adapter)
+    work = make_workdir(tmp_path / "w", tiny_model)
+    lf_merge_yaml(work, tiny_model, adapter)
+    proc = snakemake(work, "results/merged_model")
+    assert proc.returncode != 0 and expect in proc.output, proc.output[-3000:]
+    assert not (work / "results" / "adapter").exists()
