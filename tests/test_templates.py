@@ -99,3 +99,53 @@ def test_a_template_whose_special_tokens_the_tokenizer_lacks_is_warned_about(tok
         assert "not a token" not in caplog.text  # <|im_start|>/<|im_end|> are the tiny tokenizer's own
         get_template("llama3", tokenizer, None, log)
     assert "template llama3: <|start_header_id|>, <|end_header_id|>, <|eot_id|> are not tokens of this tokenizer" in caplog.text
+
+
+# LLaMA-Factory's register_template definitions (src/llamafactory/data/template.py), written out for a system
+# prompt and two turns. {B} and {E} stand for the tokenizer's bos and eos (the tiny tokenizer's are <|im_start|>
+# and <|im_end|>). Llama2Template templates (llama2, mistral, gemma*) put the system block inside the first
+# user slot; ReasoningTemplate qwen3 prepends an empty thought to a response that has none.
+_QWEN = ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n{t}A1<|im_end|>\n"
+         "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n{t}A2<|im_end|>\n")
+_GEMMA = ("{B}<start_of_turn>user\nS\n\nQ1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n"
+          "<start_of_turn>user\nQ2<end_of_turn>\n<start_of_turn>model\nA2<end_of_turn>\n")
+LLAMAFACTORY_RENDERINGS = {
+    "qwen3": (_QWEN.format(t="<think>\n\n</think>\n\n"), ["<|im_end|>"]),
+    "qwen3_nothink": (_QWEN.format(t=""), ["<|im_end|>"]),
+    "yi": (_QWEN.format(t=""), ["<|im_end|>"]),
+    "llama2": ("{B}[INST] <<SYS>>\nS\n<</SYS>>\n\nQ1 [/INST]A1{E}{B}[INST] Q2 [/INST]A2{E}", []),
+    "mistral": ("{B}[INST] S\n\nQ1[/INST] A1{E}[INST] Q2[/INST] A2{E}", []),
+    "gemma": (_GEMMA, ["<end_of_turn>"]),
+    "gemma3": (_GEMMA, ["<end_of_turn>"]),
+    "phi4": ("<|im_start|>system<|im_sep|>S<|im_end|><|im_start|>user<|im_sep|>Q1<|im_end|><|im_start|>assistant"
+             "<|im_sep|>A1<|im_end|><|im_start|>user<|im_sep|>Q2<|im_end|><|im_start|>assistant<|im_sep|>A2<|im_end|>",
+             ["<|im_end|>"]),
+    "deepseek3": ("{B}S<｜User｜>Q1<｜Assistant｜>A1{E}<｜User｜>Q2<｜Assistant｜>A2{E}", []),
+    "glm4": ("[gMASK]<sop><|system|>\nS<|user|>\nQ1<|assistant|>\nA1<|user|>\nQ2<|assistant|>\nA2",
+             ["<|user|>", "<|observation|>"]),
+    "llama3": ("{B}<|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nQ1"
+               "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA1<|eot_id|><|start_header_id|>user"
+               "<|end_header_id|>\n\nQ2<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA2<|eot_id|>",
+               ["<|eot_id|>", "<|eom_id|>"]),
+    "vicuna": ("SUSER: Q1 ASSISTANT:A1{E}USER: Q2 ASSISTANT:A2{E}", []),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LLAMAFACTORY_RENDERINGS))
+def test_templates_render_what_llamafactory_renders(tokenizer, name):
+    expected, stops = LLAMAFACTORY_RENDERINGS[name]
+    expected = expected.replace("{B}", tokenizer.bos_token).replace("{E}", tokenizer.eos_token)
+    template = get_template(name, tokenizer)
+    assert "".join(s + t for s, t in template.render_turns(TWO_TURNS, system="S")) == expected
+    assert list(template.stop_words) == stops
+
+
+def test_the_templates_of_todays_popular_models_are_known():
+    wanted = {"qwen3", "qwen3_nothink", "qwen", "llama3", "llama2", "mistral", "gemma", "gemma3", "phi4", "deepseek3",
+              "glm4", "yi", "chatml", "alpaca", "vicuna", "default", "empty"}
+    assert wanted <= set(available())
+
+
+@pytest.mark.parametrize("name", ["llama2", "mistral", "gemma", "qwen3", "glm4", "phi4"])
+def test_saved_jinja_of_llamafactory_templates_renders_like_the_template(tiny_model, name):
+    test_saved_jinja_renders_like_the_template(tiny_model, name)

@@ -336,9 +336,13 @@ def main(inputs, outputs, params, log, threads=1):
         if cpp is not None and not cpp["chat_template_renders_like_training"]:
             failures.append(f"{path.name}: llama.cpp's chat (the file's chat template) prompts unlike training")
     first = f"{name}-{kinds[0]}.gguf"
-    (out / "Modelfile").write_text(modelfile(first, template, [tokenizer.convert_ids_to_tokens(i)
-                                                                for i in template.stop_token_ids()]))
-    report["modelfile"] = {"from": first}
+    try:
+        (out / "Modelfile").write_text(modelfile(first, template, [tokenizer.convert_ids_to_tokens(i)
+                                                                    for i in template.stop_token_ids()]))
+        report["modelfile"] = {"from": first}
+    except TunelineError as err:  # e.g. llama2/mistral/gemma: the system prompt sits inside the first user turn
+        log.warning("no Ollama Modelfile: %s The GGUF file's own chat template still renders as in training.", err)
+        report["modelfile"] = {"skipped": str(err)}
     shutil.copy(model_dir / "template.json", out / "template.json")  # `tuneline chat <file>.gguf` renders as in training
     (out / "export_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if failures:

@@ -27,6 +27,10 @@ class SlotTemplate:
     default_system: str = ""
     stop_words: tuple[str, ...] = ()
     efficient_eos: bool = False
+    # LLaMA-Factory's Llama2Template: the system block goes inside the first user slot, not before it
+    system_in_user: bool = False
+    # LLaMA-Factory's ReasoningTemplate (enable_thinking): a response without a thought gets an empty one
+    thought_words: tuple[str, str] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -34,6 +38,10 @@ _IM = dict(system="<|im_start|>system\n{{content}}<|im_end|>\n",
            user="<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",
            assistant="{{content}}<|im_end|>\n")
 
+_QWEN_TOOL = "<|im_start|>user\n<tool_response>\n{{content}}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+
+# Slots as LLaMA-Factory's register_template defines them (src/llamafactory/data/template.py): `<bos>`/`<eos>`
+# are the tokenizer's tokens; an unset assistant slot is "{{content}}<eos>", an unset system slot "{{content}}".
 SLOT_TEMPLATES = {t.name: t for t in [
     SlotTemplate("default", system="System: {{content}}<eos>\n", user="Human: {{content}}<eos>\nAssistant:",
                  assistant="{{content}}<eos>\n"),
@@ -42,9 +50,7 @@ SLOT_TEMPLATES = {t.name: t for t in [
                                 "appropriately completes the request.\n\n"),
     SlotTemplate("chatml", **_IM, observation="<|im_start|>tool\n{{content}}<|im_end|>\n<|im_start|>assistant\n",
                  stop_words=("<|im_end|>", "<|im_start|>")),
-    SlotTemplate("qwen", **_IM,
-                 observation="<|im_start|>user\n<tool_response>\n{{content}}\n</tool_response><|im_end|>\n"
-                             "<|im_start|>assistant\n",
+    SlotTemplate("qwen", **_IM, observation=_QWEN_TOOL,
                  default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
                  stop_words=("<|im_end|>",)),
     SlotTemplate("smollm2", **_IM, default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face.",
@@ -57,6 +63,25 @@ SLOT_TEMPLATES = {t.name: t for t in [
                  observation="<|start_header_id|>ipython<|end_header_id|>\n\n{{content}}<|eot_id|>"
                              "<|start_header_id|>assistant<|end_header_id|>\n\n",
                  stop_words=("<|eot_id|>", "<|eom_id|>")),
+    SlotTemplate("qwen3", **_IM, observation=_QWEN_TOOL, stop_words=("<|im_end|>",), thought_words=("<think>", "</think>")),
+    SlotTemplate("qwen3_nothink", **_IM, observation=_QWEN_TOOL, stop_words=("<|im_end|>",)),
+    SlotTemplate("yi", **_IM, stop_words=("<|im_end|>",)),
+    SlotTemplate("llama2", user="<bos>[INST] {{content}} [/INST]", system="<<SYS>>\n{{content}}\n<</SYS>>\n\n",
+                 system_in_user=True),
+    SlotTemplate("mistral", prefix="<bos>", user="[INST] {{content}}[/INST]", assistant=" {{content}}<eos>",
+                 system="{{content}}\n\n", observation='[TOOL_RESULTS] {"content": {{content}}}[/TOOL_RESULTS]',
+                 system_in_user=True),
+    *[SlotTemplate(name, prefix="<bos>", user="<start_of_turn>user\n{{content}}<end_of_turn>\n<start_of_turn>model\n",
+                   assistant="{{content}}<end_of_turn>\n", system="{{content}}\n\n",
+                   observation="<start_of_turn>tool\n{{content}}<end_of_turn>\n<start_of_turn>model\n",
+                   stop_words=("<end_of_turn>",), system_in_user=True) for name in ("gemma", "gemma3")],
+    SlotTemplate("phi4", user="<|im_start|>user<|im_sep|>{{content}}<|im_end|><|im_start|>assistant<|im_sep|>",
+                 assistant="{{content}}<|im_end|>", system="<|im_start|>system<|im_sep|>{{content}}<|im_end|>",
+                 stop_words=("<|im_end|>",)),
+    SlotTemplate("deepseek3", prefix="<bos>", user="<\uff5cUser\uff5c>{{content}}<\uff5cAssistant\uff5c>"),
+    SlotTemplate("glm4", prefix="[gMASK]<sop>", user="<|user|>\n{{content}}<|assistant|>", assistant="\n{{content}}",
+                 system="<|system|>\n{{content}}", observation="<|observation|>\n{{content}}<|assistant|>",
+                 stop_words=("<|user|>", "<|observation|>"), efficient_eos=True),
     SlotTemplate("vicuna", user="USER: {{content}} ASSISTANT:",
                  default_system="A chat between a curious user and an artificial intelligence assistant. The "
                                 "assistant gives helpful, detailed, and polite answers to the user's questions."),
@@ -171,14 +196,20 @@ class SlotRenderer(Template):
         turns = []
         for i in range(0, len(messages), 2):
             prompt, response = messages[i], messages[i + 1]
-            source = ""
+            source, content = "", prompt["content"]
             if i == 0:
                 source = self._fill(self.slots.prefix, "")
-                if system_text:
+                if system_text and self.slots.system_in_user:
+                    content = self._fill(self.slots.system, system_text) + content
+                elif system_text:
                     source += self._fill(self.slots.system, system_text)
             slot = self.slots.observation if prompt["role"] == "observation" and self.slots.observation else self.slots.user
-            source += self._fill(slot, prompt["content"])
-            turns.append((source, self._fill(self.slots.assistant, response["content"])))
+            source += self._fill(slot, content)
+            answer = response["content"]
+            thought = self.slots.thought_words
+            if thought and answer and thought[0] not in answer and thought[1] not in answer:
+                answer = f"{thought[0]}\n\n{thought[1]}\n\n" + answer  # LLaMA-Factory's empty thought
+            turns.append((source, self._fill(self.slots.assistant, answer)))
         return turns
 
     def describe(self):
@@ -193,16 +224,28 @@ class SlotRenderer(Template):
             return "{{ " + (f" + {var} + ".join(parts) if var else parts[0]) + " }}"
 
         obs = self.slots.observation or self.slots.user
+        in_user = self.slots.system_in_user
+        system_block = lit(self.slots.system, "system")[3:-3]  # the expression inside {{ }}
+        first = "((system_block if loop.first else '') + message['content'])" if in_user else "message['content']"
+        answer = "message['content']"
+        thought = ""
+        if self.slots.thought_words:
+            open_, close = self.slots.thought_words
+            thought = ("{% set answer = message['content'] %}{% if answer and " + repr(open_) + " not in answer and "
+                       + repr(close) + " not in answer %}{% set answer = " + repr(f"{open_}\n\n{close}\n\n")
+                       + " + answer %}{% endif %}")
+            answer = "answer"
         return "".join([
             "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
             "{% set loop_messages = messages[1:] %}{% else %}",
             "{% set system = " + repr(self.default_system) + " %}{% set loop_messages = messages %}{% endif %}",
             lit(self.slots.prefix),
-            "{% if system %}", lit(self.slots.system, "system"), "{% endif %}",
+            ("{% set system_block = (" + system_block + ") if system else '' %}" if in_user else
+             "{% if system %}" + lit(self.slots.system, "system") + "{% endif %}"),
             "{% for message in loop_messages %}",
-            "{% if message['role'] == 'user' %}", lit(self.slots.user, "message['content']"),
-            "{% elif message['role'] in ('tool', 'observation') %}", lit(obs, "message['content']"),
-            "{% else %}", lit(self.slots.assistant, "message['content']"), "{% endif %}",
+            "{% if message['role'] == 'user' %}", lit(self.slots.user, first),
+            "{% elif message['role'] in ('tool', 'observation') %}", lit(obs, first),
+            "{% else %}", thought, lit(self.slots.assistant, answer), "{% endif %}",
             "{% endfor %}",
         ])
 
