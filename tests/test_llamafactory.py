@@ -94,3 +94,55 @@ def test_an_adapter_folder_that_is_not_a_safe_peft_adapter_is_refused(tmp_path, 
     proc = snakemake(work, "results/merged_model")
     assert proc.returncode != 0 and expect in proc.output, proc.output[-3000:]
     assert not (work / "results" / "adapter").exists()
+
+
+# LLaMA-Factory's own example YAMLs (examples/merge_lora, examples/inference), keys as they are; only
+# model_name_or_path and adapter_name_or_path are swapped for local ones.
+LF_MERGE_QWEN3 = {"model_name_or_path": None, "adapter_name_or_path": None, "template": "qwen3_nothink",
+                  "trust_remote_code": True, "export_size": 5, "export_device": "cpu", "export_legacy_format": False}
+LF_INFERENCE_LLAMA3 = {"model_name_or_path": None, "adapter_name_or_path": None, "template": "llama3",
+                       "finetuning_type": "lora", "trust_remote_code": True, "infer_backend": "huggingface"}
+
+
+@pytest.mark.parametrize("example", [LF_MERGE_QWEN3, LF_INFERENCE_LLAMA3])
+def test_llamafactory_merge_and_inference_yamls_plan_as_they_are(tmp_path, tiny_model, example):
+    adapter = peft_adapter(tiny_model, tmp_path / "saves")
+    work = make_workdir(tmp_path / "w", tiny_model)
+    data = yaml.safe_load((work / "tuneline.yaml").read_text())["dataset_dir"]
+    cfg = dict(example, model_name_or_path=str(tiny_model), adapter_name_or_path=str(adapter), dataset_dir=data)
+    (work / "tuneline.yaml").write_text(yaml.safe_dump(cfg))
+    assert planned_jobs(work, "results/merged_model") == {"base_model", "import_adapter", "merge"}
+    proc = snakemake(work, "--dry-run", "results/merged_model")
+    key = "export_device" if "export_device" in example else "infer_backend"
+    assert f"LLaMA-Factory's key `{key}` is accepted" in proc.output, proc.output[-2000:]
+
+
+def test_a_multimodal_llamafactory_yaml_is_refused_as_not_supported_yet(tmp_path, tiny_model):
+    adapter = peft_adapter(tiny_model, tmp_path / "saves")
+    work = make_workdir(tmp_path / "w", tiny_model)
+    # examples/merge_lora/qwen3vl_lora_sft.yaml
+    cfg = dict(LF_MERGE_QWEN3, model_name_or_path=str(tiny_model), adapter_name_or_path=str(adapter),
+               template="qwen3_vl_nothink")
+    (work / "tuneline.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(work, "--dry-run", "results/merged_model")
+    assert proc.returncode != 0 and "multimodal models are not supported by Tuneline yet" in proc.output
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_llamafactory_train_yamls_run_on_the_tiny_model(tmp_path, tiny_model, stage):
+    """examples/train_lora/qwen3_lora_sft.yaml and qwen3_lora_dpo.yaml with the model and dataset_dir swapped
+    (dpo also max_samples 16 and cutoff_len 256: its pairs are long for the tiny model's one-character tokens)."""
+    from conftest import LF_DATA
+    from test_config import LF_SFT
+
+    work = make_workdir(tmp_path, tiny_model)
+    cfg = dict(LF_SFT, model_name_or_path=str(tiny_model), dataset_dir=str(LF_DATA), template="qwen3_nothink")
+    if stage == "dpo":
+        cfg.update(stage="dpo", dataset="dpo_en_demo", pref_beta=0.1, pref_loss="sigmoid", learning_rate=5.0e-6,
+                   max_samples=16, cutoff_len=256)
+    (work / "tuneline.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(work, "results/merged_model", check=True)
+    report = json.loads((work / "results" / "adapter" / "train_report.json").read_text())
+    assert report["stage"] == stage and report["global_steps"] > 0
+    gates = json.loads((work / "results" / "merged_model" / "merge_report.json").read_text())["gates"]
+    assert all(g["passed"] for g in gates)

@@ -158,7 +158,7 @@ def check_values(config: dict, schema: dict | None = None) -> None:
     for key, spec in keys(schema).items():  # LLaMA-Factory values Tuneline knows and does not run
         reason = spec.get("unsupported", {}).get(config.get(key)) if isinstance(config.get(key), str) else None
         if reason:
-            allowed = ", ".join(str(v) for v in spec["enum"])
+            allowed = ", ".join("null" if v is None else str(v) for v in spec["enum"])
             problems.append(f"config key '{key}' = {config[key]!r} is not supported: {' '.join(reason.split())} "
                             f"Allowed: {allowed}.")
     if problems:
