@@ -11,6 +11,13 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "workflow/rules/common.smk"
+
+
+if RUN_DIR:  # output_dir: every artifact, log and Snakemake's own state of this run in its own folder
+
+    workdir: RUN_DIR
+
+
 include: "workflow/rules/base_model.smk"
 include: "workflow/rules/prepare_data.smk"
 include: "workflow/rules/tokenize.smk"

@@ -146,3 +146,48 @@ def test_llamafactory_train_yamls_run_on_the_tiny_model(tmp_path, tiny_model, st
     assert report["stage"] == stage and report["global_steps"] > 0
     gates = json.loads((work / "results" / "merged_model" / "merge_report.json").read_text())["gates"]
     assert all(g["passed"] for g in gates)
+
+
+def test_two_output_dir_runs_live_side_by_side_run_at_once_and_share_common_steps(tmp_path, tiny_model):
+    """LLaMA-Factory's output_dir: each run in its own folder (Snakemake's workdir), started from the same
+    project folder at the same time; with --cache the second config takes base model, data and tokenization
+    from the between-workflow cache instead of recomputing them."""
+    import os
+
+    from conftest import REPO, SNAKEMAKE
+
+    work = make_workdir(tmp_path, tiny_model)
+    base = yaml.safe_load((work / "tuneline.yaml").read_text())
+    base["dataset_dir"] = "data"  # relative to the folder snakemake starts in, as users write it
+    for name, lr in (("a", 1e-3), ("b", 2e-3)):
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(dict(base, output_dir=f"saves/{name}", learning_rate=lr)))
+    env = {**os.environ, "SNAKEMAKE_OUTPUT_CACHE": str(tmp_path / "cache")}
+    (tmp_path / "cache").mkdir()
+
+    def run(name, *extra):
+        # --configfile takes several values: it goes before the other options and targets
+        return [SNAKEMAKE, "--configfile", str(work / f"{name}.yaml"), "--snakefile", str(REPO / "Snakefile"),
+                "--cores", "1", *extra]
+
+    procs = [subprocess.Popen(run(n, "results/merged_model"), cwd=work, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for n in ("a", "b")]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    for name in ("a", "b"):
+        folder = work / "saves" / name
+        assert (folder / "results" / "merged_model" / "model.safetensors").is_file()
+        assert (folder / "logs" / "train.log").is_file() and (folder / ".snakemake").is_dir()
+    assert not (work / "results").exists()  # nothing of either run in the project folder itself
+    a = json.loads((work / "saves/a/results/adapter/train_report.json").read_text())
+    assert a["metrics"]["train_loss"] != json.loads((work / "saves/b/results/adapter/train_report.json").read_text())[
+        "metrics"]["train_loss"]
+
+    # common steps: a third config that differs in a training key only, with the between-workflow cache
+    (work / "c.yaml").write_text(yaml.safe_dump(dict(base, output_dir="saves/c", learning_rate=3e-3)))
+    first = subprocess.run(run("a", "results/tokenized", "--forceall", "--cache"), cwd=work, env=env,  # fills the cache
+                           capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    plan = subprocess.run(run("c", "-n", "results/merged_model", "--cache"), cwd=work, env=env, capture_output=True,
+                          text=True, timeout=300)
+    out = plan.stdout + plan.stderr
+    assert plan.returncode == 0 and out.count("will be obtained from global between-workflow cache") >= 3, out[-3000:]

@@ -194,6 +194,25 @@ def check_files(config: dict) -> None:
                                 "the local folder a PEFT adapter was saved to (hub adapters: download them first).")
 
 
+def absolute_paths(config: dict, base: str, schema: dict | None = None) -> list[str]:
+    """Make the config's paths (schema `path:`) absolute against `base`, the folder snakemake was started
+    in, before an output_dir run moves into its own folder. -> the keys changed."""
+    import os
+
+    changed = []
+    for key, spec in keys(schema).items():
+        value = config.get(key)
+        if not spec.get("path") or not isinstance(value, str) or not value:
+            continue
+        path = os.path.expanduser(value)
+        if spec["path"] == "local" and not os.path.exists(os.path.join(base, path)):
+            continue  # a hub ID
+        if not os.path.isabs(path):
+            config[key] = os.path.normpath(os.path.join(base, path))
+            changed.append(key)
+    return changed
+
+
 def rule_keys(rule: str, schema: dict | None = None) -> list[str]:
     return sorted(k for k, spec in keys(schema).items() if rule in spec.get("rules", []))
 

@@ -5,7 +5,7 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 from tuneline import registry, stages
-from tuneline.config import (SCHEMA_PATH, adopt_foreign_keys, check_files, check_unknown_keys, check_values, coerce_cli_values, launch_settings,
+from tuneline.config import (SCHEMA_PATH, absolute_paths, adopt_foreign_keys, check_files, check_unknown_keys, check_values, coerce_cli_values, launch_settings,
                              rule_params, rule_resources)
 from tuneline.errors import TunelineError
 
@@ -20,6 +20,18 @@ except TunelineError as err:
     raise WorkflowError(str(err)) from None
 
 validate(config, str(SCHEMA_PATH), set_default=True)
+
+# output_dir: this run's own folder (Snakemake's `workdir:`, set in the Snakefile). The config's paths
+# are made absolute first: they are relative to the folder snakemake was started in.
+RUN_DIR = None
+if config["output_dir"]:
+    if workflow.overwrite_workdir is not None:
+        logger.warning(f"Tuneline: output_dir {config['output_dir']} is not used: --directory "
+                       f"{workflow.overwrite_workdir} names the run's folder")
+    else:
+        RUN_DIR = os.path.abspath(os.path.expanduser(config["output_dir"]))
+        absolute_paths(config, os.getcwd())
+        logger.info(f"Tuneline: this run's folder is {RUN_DIR} (output_dir): artifacts in {RUN_DIR}/results")
 
 # Resolved here, not in input functions: Snakemake ignores an input function's error when the
 # output already exists, and a misspelt dataset name must never plan "nothing to be done".
