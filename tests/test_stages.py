@@ -309,10 +309,11 @@ def test_preference_stages_are_byte_reproducible(tmp_path, request, stage, fixtu
     assert "adapter_model.safetensors" in first and first == second
 
 
-@pytest.mark.parametrize("stage,dataset", [("kto", "kto_en_demo"), ("rm", "dpo_en_demo")])
+@pytest.mark.parametrize("stage,dataset", [("kto", "kto_en_demo"), ("rm", "dpo_en_demo"), ("grpo", "alpaca_en_demo")])
 def test_preference_stages_run_in_two_cpu_processes(tmp_path, tiny_model, stage, dataset):
     work = make_workdir(tmp_path, tiny_model, stage=stage, dataset=dataset, max_samples=16, max_steps=3,
-                        per_device_train_batch_size=2, nproc_per_node=2)
+                        per_device_train_batch_size=2, nproc_per_node=2, num_generations=2,
+                        max_completion_length=8)
     cfg = yaml.safe_load((work / "tuneline.yaml").read_text())
     (work / "tuneline.yaml").write_text(yaml.safe_dump({**cfg, "dataset_dir": str(LF_DATA)}))
     snakemake(work, "results/adapter", check=True)
