@@ -67,12 +67,17 @@ def test_pt_rejects_conversation_and_preference_data():
 
 # ---------------------------------------------------------------- dpo
 
+def demo_tokenized(tmp_path_factory, tiny_model, stage, dataset, max_samples=16):
+    """The first records of one of LLaMA-Factory's demo datasets, prepared and tokenized for `stage`."""
+    root = tmp_path_factory.mktemp(stage)
+    make_tokenized(root, tiny_model, cutoff_len=96, stage=stage, dataset=dataset, dataset_dir=str(LF_DATA),
+                   max_samples=max_samples)
+    return root
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("dpo")
-    make_tokenized(root, tiny_model, cutoff_len=96, stage="dpo", dataset="dpo_en_demo", dataset_dir=str(LF_DATA),
-                   max_samples=16)
-    return root
+    return demo_tokenized(tmp_path_factory, tiny_model, "dpo", "dpo_en_demo")
 
 
 def pair_margins(model_dir, adapter, tokenized) -> torch.Tensor:
@@ -141,10 +146,7 @@ def test_dpo_freeze_has_a_frozen_reference_and_pref_ftx_adds_the_sft_loss(tmp_pa
 
 @pytest.fixture(scope="module")
 def tagged(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("kto")
-    make_tokenized(root, tiny_model, cutoff_len=96, stage="kto", dataset="kto_en_demo", dataset_dir=str(LF_DATA),
-                   max_samples=24)
-    return root
+    return demo_tokenized(tmp_path_factory, tiny_model, "kto", "kto_en_demo", max_samples=24)
 
 
 def completion_logps(model_dir, adapter, tokenized) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,10 +327,7 @@ def test_preference_stages_run_in_two_cpu_processes(tmp_path, tiny_model, stage,
 
 @pytest.fixture(scope="module")
 def ranked(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("rm")
-    make_tokenized(root, tiny_model, cutoff_len=96, stage="rm", dataset="dpo_en_demo", dataset_dir=str(LF_DATA),
-                   max_samples=16)
-    return root
+    return demo_tokenized(tmp_path_factory, tiny_model, "rm", "dpo_en_demo")
 
 
 def reward_scores(model_dir, tokenized, **load) -> dict:
