@@ -476,3 +476,28 @@ def test_rloo_trains_against_the_reward_model_that_stage_rm_wrote(tmp_path, tiny
     # on this random tiny model the mean reward does not rise measurably in a few steps (measured: noise);
     # the stage's learning is shown by grpo's test, which runs the same pipeline through the same machinery
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_rloo_runs_the_whole_dag_against_a_reward_model_folder(tmp_path, tiny_model, ranked, monkeypatch):
+    from tuneline import merge
+
+    monkeypatch.chdir(tmp_path)
+    rm, _ = run_train(tmp_path, tiny_model, ranked / "tok", name="rm", max_steps=4, stage="rm", learning_rate=1e-2)
+    merge.main({"adapter": str(rm), "model": str(tiny_model)}, {"model": str(tmp_path / "rm-merged")},
+               rule_params({"merge_tolerance": 1e-3}, "merge"), LOG)
+    work = make_workdir(tmp_path / "w", tiny_model, stage="rloo", dataset="alpaca_en_demo", max_samples=16, val_size=4,
+                        max_steps=2, max_completion_length=8, reward_model=str(tmp_path / "rm-merged"))
+    cfg = yaml.safe_load((work / "tuneline.yaml").read_text())
+    (work / "tuneline.yaml").write_text(yaml.safe_dump({**cfg, "dataset_dir": str(LF_DATA)}))
+    snakemake(work, "all", check=True)
+    report = json.loads((work / "results" / "adapter" / "train_report.json").read_text())
+    assert report["stage"] == "rloo" and report["global_steps"] == 2
+    assert {r["metric"] for r in json.loads((work / "results" / "eval" / "summary.json").read_text())["rows"]} >= {
+        "bleu-4", "rouge-l"}
+    # the reward model is an input of train: a new one retrains
+    import shutil
+
+    shutil.rmtree(tmp_path / "rm-merged")
+    merge.main({"adapter": str(rm), "model": str(tiny_model)}, {"model": str(tmp_path / "rm-merged")},
+               rule_params({"merge_tolerance": 1e-3}, "merge"), LOG)
+    assert "train" in planned_jobs(work, "results/adapter")
