@@ -46,9 +46,10 @@ def test_every_key_is_fully_described_and_read_by_real_rules():
     for key, spec in c.keys().items():
         assert {"type", "default", "description", "rules"} <= set(spec), key
         assert set(spec["rules"]) <= rules, key
-        # read by rules, or setting their resources / how they are launched (never params)
+        # read by rules, or setting their resources / how they are launched (never params), or by the
+        # Snakefile itself (output_dir: the run's folder)
         others = spec.get("resources_of", []) + spec.get("launch_of", [])
-        assert bool(spec["rules"]) != bool(others), key
+        assert bool(spec["rules"]) + bool(others) + bool(spec.get("workflow")) == 1, key
         assert set(others) <= rules | {"*"}, key
         if spec.get("resources_of"):
             assert spec["resource"] in {"gpu", "gpu_model", "mem_mb", "runtime", "cpus_per_task",

@@ -287,6 +287,8 @@ def markdown_table(schema: dict | None = None) -> str:
             rules = "resources of " + (", ".join(spec["resources_of"]).replace("*", "every rule"))
         elif spec.get("launch_of"):
             rules = "launch of " + ", ".join(spec["launch_of"])
+        elif spec.get("workflow"):
+            rules = "the Snakefile (`workdir:`)"
         rules = rules or "`tuneline chat`"
         desc = " ".join(str(spec.get("description", "")).split()).replace("|", "\\|")
         rows.append(
