@@ -235,7 +235,7 @@ def test_stage_pt_plans_no_generation_scoring_and_ppo_fails_the_dry_run(tmp_path
     jobs = planned_jobs(work)
     assert {"train", "mmlu", "eval_summary"} <= jobs and not {"predict", "score_generation"} & jobs
     proc = snakemake(work, "--dry-run", "--config", "stage=ppo")
-    assert proc.returncode != 0 and "'stage' = 'ppo' is not supported: PPO needs a reward model" in proc.output
+    assert proc.returncode != 0 and "'stage' = 'ppo' is not supported: TRL removed its PPOTrainer" in proc.output
 
 
 def test_every_stage_of_the_schema_has_its_module_with_the_interface():
