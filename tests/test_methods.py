@@ -170,10 +170,11 @@ def test_two_clean_runs_write_byte_identical_adapters(tmp_path, tiny_model, toke
     assert first == second
 
 
-@pytest.mark.parametrize("stage,dataset", [("sft", None), ("kto", "kto_en_demo"), ("rm", "dpo_en_demo"),
-                                           ("grpo", "alpaca_en_demo")])
+@pytest.mark.parametrize("stage,dataset,pref_loss", [
+    ("sft", None, None), ("kto", "kto_en_demo", None), ("rm", "dpo_en_demo", None), ("grpo", "alpaca_en_demo", None),
+    ("dpo", "dpo_en_demo", "sigmoid"), ("dpo", "dpo_en_demo", "orpo"), ("dpo", "dpo_en_demo", "simpo")])
 def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_model,
-                                                                                             stage, dataset):
+                                                                                             stage, dataset, pref_loss):
     import os
     import signal
     import subprocess
@@ -184,6 +185,8 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterru
     overrides = dict(max_steps=40, save_steps=5, logging_steps=1, per_device_train_batch_size=8)
     if dataset:  # LLaMA-Factory's demo data for the preference stages
         overrides.update(stage=stage, dataset=dataset, max_samples=16, cutoff_len=96, max_completion_length=8)
+    if pref_loss:  # dpo's losses: orpo and simpo reach TRL's CPO/ORPO trainers, whose resume is their own
+        overrides.update(pref_loss=pref_loss)
     straight = make_workdir(tmp_path / "straight", tiny_model, **overrides)
     if dataset:
         for work in (straight, make_workdir(tmp_path / "killed", tiny_model, **overrides)):

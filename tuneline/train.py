@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import stages
 from .checkpoints import checkpoint_dir, resumable_checkpoint, train_key
+from .config import check_checkpoint
 from .errors import TunelineError
 from .finetuning import build_model, loraplus_optimizer, sort_target_modules
 from .history import plot_loss, whole_run_loss
@@ -108,21 +109,28 @@ def train(inputs, outputs, params, log, threads=1):
     model, quant, targets = build_model(inputs["model"], params, dtype, log)
     # no KV cache in training: with one, the models ignore packed position ids and attend across examples
     model.config.use_cache = False
-    packed = params["packing"] and stage.PACKING
+    packed = params["packing"] and stage.PACKING and params["flash_attn"] != "disabled"
     if params["packing"] and not stage.PACKING:
         log.info("stage %s: packing does not apply", params["stage"])
-    if packed:  # attention within each packed example only, at each example's own cost
+    elif params["packing"] and not packed:
+        log.info("flash_attn disabled: the model's eager attention on padded batches (packing needs per-example "
+                 "attention: sdpa or fa2)")
+    if packed and params["flash_attn"] != "fa2":  # attention within each packed example only (fa2 does that itself)
         use_packed_attention(model)
 
     key = train_key(params, inputs["tokenized"])  # hashes the tokenized data once
     ckpt = checkpoint_dir(key)
     resume = resumable_checkpoint(ckpt, key, log)
+    if resume:
+        log.info("resuming the interrupted run from %s", resume)
+    elif isinstance(params.get("resume_from_checkpoint"), str):  # a checkpoint-N of another Trainer run (LLaMA-Factory's)
+        check_checkpoint(params["resume_from_checkpoint"])
+        resume = str(Path(params["resume_from_checkpoint"]).expanduser())
+        log.info("resuming from the given checkpoint %s (resume_from_checkpoint)", resume)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
         ckpt.mkdir(parents=True, exist_ok=True)
         (ckpt / "train_key.json").write_text(json.dumps(key, indent=2, sort_keys=True))
-    if resume:
-        log.info("resuming the interrupted run from %s", resume)
     if params["report_to"] == "tensorboard":  # events beside the checkpoints; copied to the output at the end
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(ckpt / "runs")
     args = training_arguments(params, ckpt, dtype)
@@ -131,9 +139,10 @@ def train(inputs, outputs, params, log, threads=1):
         if params["finetuning_type"] != "lora":
             raise TunelineError("loraplus_lr_ratio applies to finetuning_type lora only.")
         optimizers = (loraplus_optimizer(model, args, params), None)
-    eval_during = eval_ds if params["eval_strategy"] != "no" else None
-    trainer = stage.trainer(TrainRun(model, args, params, tokenizer, train_ds, eval_during, optimizers,
-                                     inputs["model"], log))
+    # the trainer always gets the validation split, also when it is evaluated only after training: TRL's
+    # ORPO/CPO trainers tokenize an eval_dataset in __init__ and fail on one handed to evaluate() later
+    trainer = stage.trainer(TrainRun(model, args, params, tokenizer, train_ds, eval_ds if len(eval_ds) else None,
+                                     optimizers, inputs["model"], log, packed))
     if quant and dtype == torch.float32:  # TRL's trainers cast a quantized model's trainable weights to bf16
         # (the QLoRA paper's choice, for GPUs): in an fp32 run (CPU) that is a dtype mismatch (rm's value head
         # fails on it) and slow bf16 emulation on CPUs without bf16 units. Keep them in fp32.
@@ -158,7 +167,7 @@ def train(inputs, outputs, params, log, threads=1):
         from transformers.integrations import TensorBoardCallback
 
         trainer.remove_callback(TensorBoardCallback)  # it closed its file at the end of training
-        metrics.update(trainer.evaluate(eval_dataset=eval_ds))
+        metrics.update(trainer.evaluate())
         log.info("validation loss %.4f", metrics["eval_loss"])
     if not trainer.is_world_process_zero():
         return {}  # rank 0 writes the outputs
@@ -166,7 +175,7 @@ def train(inputs, outputs, params, log, threads=1):
     out = Path(outputs["adapter"])
     out.mkdir(parents=True, exist_ok=True)
     model.config.use_cache = True  # for inference with what is saved
-    if packed:
+    if packed and params["flash_attn"] != "fa2":
         use_packed_attention(model, on=False)
     for name in getattr(stage, "adapters_to_drop", ()):  # e.g. DPOTrainer's frozen reference adapter
         if name in getattr(model, "peft_config", {}):
