@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from conftest import make_workdir, planned_jobs, snakemake
+from tuneline.errors import TunelineError
 
 
 def peft_adapter(model_dir, out, seed=1):
@@ -191,3 +192,105 @@ def test_two_output_dir_runs_live_side_by_side_run_at_once_and_share_common_step
                           text=True, timeout=300)
     out = plan.stdout + plan.stderr
     assert plan.returncode == 0 and out.count("will be obtained from global between-workflow cache") >= 3, out[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3"])
+def test_rope_scaling_stretches_the_base_models_positions_to_cutoff_len_as_llamafactory_does(tmp_path, tiny_model,
+                                                                                            kind, caplog):
+    """Factor ceil(cutoff_len / max_position_embeddings), written into results/base_model's config, so that
+    every later rule loads the scaled positions; nothing is scaled when cutoff_len fits already."""
+    import logging
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tuneline import base_model
+    from tuneline.config import rule_params
+
+    log = logging.getLogger("t")
+    before = AutoConfig.from_pretrained(tiny_model)
+    assert before.max_position_embeddings == 512
+    out = tmp_path / "base"
+    params = {**rule_params({"model_name_or_path": str(tiny_model), "rope_scaling": kind, "cutoff_len": 1100},
+                            "base_model")}
+    assert params["cutoff_len"] == 1100  # read by base_model only because rope_scaling is set
+    base_model.main({}, {"model": str(out)}, params, log)
+    config = AutoConfig.from_pretrained(out)
+    assert config.max_position_embeddings == 3 * 512  # >= cutoff_len 1100
+    assert config.rope_parameters["rope_type"] == kind and config.rope_parameters["factor"] == 3.0
+    assert json.loads((out / "source.json").read_text())["rope_scaling"]["max_position_embeddings_before"] == 512
+    scaled = AutoModelForCausalLM.from_pretrained(out).model.rotary_emb
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model).model.rotary_emb
+    if kind == "linear":  # position p of the scaled model is position p/3 of the original
+        assert torch.allclose(scaled.inv_freq, plain.inv_freq / 3)
+    elif kind != "dynamic":  # dynamic rescales only beyond the original length, at run time
+        assert not torch.allclose(scaled.inv_freq, plain.inv_freq)
+
+    with caplog.at_level(logging.WARNING):
+        fits = {**params, "cutoff_len": 256}
+        base_model.main({}, {"model": str(tmp_path / "fits")}, fits, log)
+    assert AutoConfig.from_pretrained(tmp_path / "fits").rope_parameters["rope_type"] == "default"
+    assert "fits the model's 512 positions, so nothing is scaled" in caplog.text
+
+
+def test_cutoff_len_reruns_base_model_only_when_rope_scaling_is_set(tmp_path, tiny_model):
+    from tuneline.config import rule_params
+
+    assert "cutoff_len" not in rule_params({"model_name_or_path": "m"}, "base_model")
+    assert "cutoff_len" in rule_params({"model_name_or_path": "m", "rope_scaling": "yarn"}, "base_model")
+    work = make_workdir(tmp_path, tiny_model)
+    snakemake(work, "results/base_model", check=True)
+    cfg = yaml.safe_load((work / "tuneline.yaml").read_text())
+    (work / "tuneline.yaml").write_text(yaml.safe_dump({**cfg, "cutoff_len": 64}))
+    assert "base_model" not in planned_jobs(work, "results/base_model", "--rerun-triggers", "params")
+    (work / "tuneline.yaml").write_text(yaml.safe_dump({**cfg, "cutoff_len": 1024, "rope_scaling": "linear"}))
+    assert "base_model" in planned_jobs(work, "results/base_model", "--rerun-triggers", "params")
+
+
+def test_flash_attn_disabled_trains_with_eager_attention_on_padded_batches_and_fa2_needs_cuda(tmp_path, tiny_model,
+                                                                                            caplog):
+    import logging
+
+    from conftest import make_tokenized, train_params
+    from tuneline import modeling, train
+
+    if not torch.cuda.is_available():
+        with pytest.raises(TunelineError, match="fa2 needs a CUDA GPU"):
+            modeling.attention_implementation("fa2")
+    tokenized = make_tokenized(tmp_path / "tok", tiny_model)
+    with caplog.at_level(logging.INFO):
+        train.main({"tokenized": str(tokenized), "model": str(tiny_model)}, {"adapter": str(tmp_path / "eager")},
+                   train_params(quantization_bit=None, max_steps=3, flash_attn="disabled"), logging.getLogger("t"))
+    assert "attention implementation eager" in caplog.text
+    assert "the model's eager attention on padded batches" in caplog.text
+    report = json.loads((tmp_path / "eager" / "train_report.json").read_text())
+    assert report["global_steps"] == 3 and report["metrics"]["train_loss"] > 0
+
+
+def test_resume_from_checkpoint_continues_a_trainer_checkpoint_to_the_same_weights(tmp_path, tiny_model, monkeypatch):
+    """LLaMA-Factory's resume_from_checkpoint: a checkpoint-N folder of an earlier run; the resumed run ends
+    where the uninterrupted one ends."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from conftest import make_tokenized, train_params
+    from tuneline import train
+    from tuneline.config import check_files
+
+    log = logging.getLogger("t")
+    tokenized = make_tokenized(tmp_path / "tok", tiny_model)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train.shutil, "rmtree", lambda *a, **k: None)  # keep the first run's checkpoints
+    run = lambda out, **extra: train.main(  # noqa: E731
+        {"tokenized": str(tokenized), "model": str(tiny_model)}, {"adapter": str(tmp_path / out)},
+        train_params(quantization_bit=None, max_steps=6, save_steps=3, **extra), log)
+    run("straight")
+    [checkpoint] = (tmp_path / ".tuneline" / "checkpoints").glob("train-*/checkpoint-3")
+    run("resumed", resume_from_checkpoint=str(checkpoint))
+    report = json.loads((tmp_path / "resumed" / "train_report.json").read_text())
+    assert report["resumed_from"] == "checkpoint-3" and report["global_steps"] == 6
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TunelineError, match="resume_from_checkpoint.*no trainer_state.json there"):
+        check_files({"resume_from_checkpoint": str(tmp_path / "straight")})

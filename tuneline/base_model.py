@@ -86,6 +86,43 @@ def load(kind: str, where: dict, revision: str, trust_remote_code: bool, log):
     return model, tokenizer
 
 
+def configure_rope(config, rope_scaling: str | None, cutoff_len: int | None, log) -> dict | None:
+    """LLaMA-Factory's rope_scaling: stretch the rotary positions to cutoff_len by the factor
+    ceil(cutoff_len / max_position_embeddings) (max_position_embeddings becomes factor x the original), written into the config that every later rule loads
+    (transformers 5 calls it rope_parameters). -> what was set, for source.json; None when nothing is."""
+    import math
+
+    if rope_scaling is None:
+        return None
+    current = getattr(config, "max_position_embeddings", None)
+    rope = getattr(config, "rope_parameters", None)
+    if not current or not isinstance(rope, dict):
+        raise TunelineError(f"rope_scaling: {config.model_type} has no rotary position settings "
+                            "(rope_parameters, max_position_embeddings) to scale; remove rope_scaling.")
+    if cutoff_len <= current:
+        log.warning("rope_scaling %s: cutoff_len %d fits the model's %d positions, so nothing is scaled; raise "
+                    "cutoff_len above %d to stretch the context", rope_scaling, cutoff_len, current, current)
+        return None
+    factor = float(math.ceil(cutoff_len / current))
+    scaled = {**rope, "rope_type": rope_scaling, "factor": factor}
+    if rope_scaling in ("yarn", "llama3"):
+        scaled["original_max_position_embeddings"] = current
+    if rope_scaling == "llama3":  # LLaMA-Factory's (and Meta's) frequency bands
+        scaled.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    if rope_scaling == "dynamic":
+        log.warning("rope_scaling dynamic: dynamic NTK scaling may not work well with fine-tuning "
+                    "(huggingface/transformers#24653), as LLaMA-Factory warns")
+    if rope.get("rope_type", "default") != "default":
+        log.warning("rope_scaling %s replaces the model's own %s scaling", rope_scaling, rope["rope_type"])
+    config.rope_parameters = scaled
+    # factor x the original (>= cutoff_len): LLaMA-Factory writes cutoff_len itself, which transformers' YaRN
+    # warns about (its factor must equal the ratio of the two lengths)
+    config.max_position_embeddings = int(current * factor)
+    log.info("rope_scaling %s: factor %g, max_position_embeddings %d -> %d (cutoff_len %d)", rope_scaling, factor,
+             current, config.max_position_embeddings, cutoff_len)
+    return {"rope_parameters": scaled, "max_position_embeddings_before": current}
+
+
 def gguf_field(path, key: str):
     from gguf import GGUFReader
 
@@ -97,6 +134,7 @@ def main(inputs, outputs, params, log, threads=1):
     name = params["model_name_or_path"]
     kind, where = resolve_source(name)
     model, tokenizer = load(kind, where, params["model_revision"], params["trust_remote_code"], log)
+    rope = configure_rope(model.config, params["rope_scaling"], params.get("cutoff_len"), log)
     out = Path(outputs["model"])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -109,5 +147,7 @@ def main(inputs, outputs, params, log, threads=1):
         source = {"kind": kind, **where, "revision": params["model_revision"]}
     n_params = sum(p.numel() for p in model.parameters())
     log.info("saved %s (%s, %.1fM parameters) to %s", name, model.config.model_type, n_params / 1e6, out)
+    if rope:
+        source["rope_scaling"] = rope
     (out / "source.json").write_text(json.dumps(source, indent=2) + "\n")
     return {"source": source}

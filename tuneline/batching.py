@@ -49,5 +49,5 @@ def causal_lm_trainer(run):
     from transformers import Trainer
 
     return Trainer(model=run.model, args=run.args, train_dataset=run.train_ds,
-                   data_collator=make_collator(run.tokenizer, run.params["packing"], run.model),
+                   data_collator=make_collator(run.tokenizer, run.packed, run.model),
                    eval_dataset=run.eval_ds, optimizers=run.optimizers)

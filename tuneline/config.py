@@ -192,6 +192,17 @@ def check_files(config: dict) -> None:
         if not os.path.isfile(os.path.join(os.path.expanduser(adapter), "adapter_config.json")):
             raise TunelineError(f"config key 'adapter_name_or_path' = {adapter!r}: no adapter_config.json there. Give "
                                 "the local folder a PEFT adapter was saved to (hub adapters: download them first).")
+    if isinstance(config.get("resume_from_checkpoint"), str):
+        check_checkpoint(config["resume_from_checkpoint"])
+
+
+def check_checkpoint(path) -> None:
+    import os
+
+    if not os.path.isfile(os.path.join(os.path.expanduser(path), "trainer_state.json")):
+        raise TunelineError(f"config key 'resume_from_checkpoint' = {path!r}: no trainer_state.json there. Give a "
+                            "checkpoint-N folder that a Trainer saved (LLaMA-Factory: <output_dir>/checkpoint-N), or "
+                            "leave the key unset: an interrupted run of the same config resumes by itself.")
 
 
 def absolute_paths(config: dict, base: str, schema: dict | None = None) -> list[str]:
@@ -213,14 +224,20 @@ def absolute_paths(config: dict, base: str, schema: dict | None = None) -> list[
     return changed
 
 
-def rule_keys(rule: str, schema: dict | None = None) -> list[str]:
-    return sorted(k for k, spec in keys(schema).items() if rule in spec.get("rules", []))
+def rule_keys(rule: str, schema: dict | None = None, config: dict | None = None) -> list[str]:
+    """The keys whose schema entry names `rule` in `rules`, plus those that name it in `rules_when`
+    ({rule: other key}) when that other key is set in `config` (e.g. base_model reads cutoff_len
+    only when rope_scaling is set: other runs do not rebuild the base model for a new cutoff_len)."""
+    full = {**defaults(schema), **(config or {})}
+    return sorted(k for k, spec in keys(schema).items()
+                  if rule in spec.get("rules", [])
+                  or (rule in spec.get("rules_when", {}) and full.get(spec["rules_when"][rule]) is not None))
 
 
 def rule_params(config: dict, rule: str, schema: dict | None = None) -> dict:
     """The slice of the config that `rule` reads: exactly the keys whose schema entry names it."""
     full = {**defaults(schema), **config}
-    return {k: full[k] for k in rule_keys(rule, schema)}
+    return {k: full[k] for k in rule_keys(rule, schema, config)}
 
 
 def rule_resources(config: dict, rule: str, schema: dict | None = None) -> dict:
@@ -282,7 +299,7 @@ def markdown_table(schema: dict | None = None) -> str:
                 if word in spec:
                     bounds.append(f"{sym} {spec[word]}")
             allowed = ", ".join(bounds)
-        rules = ", ".join(spec.get("rules", []))
+        rules = ", ".join(spec.get("rules", []) + [f"{r} (when {k} is set)" for r, k in spec.get("rules_when", {}).items()])
         if spec.get("resources_of"):
             rules = "resources of " + (", ".join(spec["resources_of"]).replace("*", "every rule"))
         elif spec.get("launch_of"):

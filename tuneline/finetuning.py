@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import stages
 from .errors import TunelineError
-from .modeling import load_causal_lm, lora_targets
+from .modeling import attention_implementation, load_causal_lm, lora_targets
 
 
 def _names(value: str | None) -> list[str]:
@@ -75,7 +75,10 @@ def build_model(base: str, params: dict, dtype, log):
             quant.update(type=params["quantization_type"], double=params["double_quantization"])
     model_dtype = dtype if torch.cuda.is_available() or dtype == torch.float32 else torch.float32
     reward = stages.get(params["stage"]).MODEL == "reward"  # stage rm: a value head on the decoder
-    model = load_causal_lm(base, model_dtype, quant, reward=reward)
+    attention = attention_implementation(params["flash_attn"])
+    model = load_causal_lm(base, model_dtype, quant, reward=reward, attention=attention)
+    if attention:
+        log.info("flash_attn %s: attention implementation %s", params["flash_attn"], attention)
     if method != "lora":
         if method == "freeze":
             trained = apply_freeze(model, params)

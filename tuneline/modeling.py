@@ -86,12 +86,33 @@ def require_causal_lm(path, export: str) -> None:
                             "Use export_format: merged, which keeps the value head (`score`) in safetensors.")
 
 
-def load_causal_lm(path, dtype, quantization: dict | None = None, reward: bool | None = None):
+ATTENTION = {"auto": None, "sdpa": "sdpa", "disabled": "eager", "fa2": "flash_attention_2"}
+
+
+def attention_implementation(flash_attn: str) -> str | None:
+    """LLaMA-Factory's flash_attn value as transformers' attn_implementation (None: the model's default, SDPA);
+    fa2 needs the flash-attn package and a CUDA GPU, checked here rather than deep in from_pretrained."""
+    import importlib.util
+
+    import torch
+
+    if flash_attn == "fa2":
+        missing = [what for what, ok in (("a CUDA GPU", torch.cuda.is_available()),
+                                         ("the flash-attn package", importlib.util.find_spec("flash_attn") is not None))
+                   if not ok]
+        if missing:
+            raise TunelineError(f"flash_attn: fa2 needs {' and '.join(missing)} (none here); use flash_attn: sdpa "
+                                "(PyTorch's attention, the default) or auto.")
+    return ATTENTION[flash_attn]
+
+
+def load_causal_lm(path, dtype, quantization: dict | None = None, reward: bool | None = None,
+                   attention: str | None = None):
     """The base model in `dtype`, quantised on load when `quantization` (bits/type/double) is given.
 
     reward: load it with a scalar value head (AutoModelForSequenceClassification, num_labels 1; a
     causal LM's folder gets a new head, initialised from the current seed). None: as the folder says
-    (`is_reward_model`)."""
+    (`is_reward_model`). attention: transformers' attn_implementation (None: the model's default)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -99,6 +120,8 @@ def load_causal_lm(path, dtype, quantization: dict | None = None, reward: bool |
     reward = is_reward_model(path) if reward is None else reward
     q = quantization or {}
     kwargs = {"num_labels": 1} if reward else {}
+    if attention:
+        kwargs["attn_implementation"] = attention
     bnb = bnb_config(q.get("bits"), q.get("type", "nf4"), q.get("double", True), dtype,
                      skip=["score"] if reward else None)  # the value head stays in full precision
     if bnb is not None:

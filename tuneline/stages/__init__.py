@@ -35,9 +35,10 @@ def get(stage: str):
 class TrainRun:
     """What a stage's `trainer()` gets from the train rule."""
 
-    def __init__(self, model, args, params, tokenizer, train_ds, eval_ds, optimizers, base, log):
+    def __init__(self, model, args, params, tokenizer, train_ds, eval_ds, optimizers, base, log, packed=False):
         self.model, self.args, self.params, self.tokenizer = model, args, params, tokenizer
         self.train_ds, self.eval_ds, self.optimizers, self.base, self.log = train_ds, eval_ds, optimizers, base, log
+        self.packed = packed  # packed batches (packing, for a stage and attention that take them)
 
 
 def frozen_reference(run):

@@ -29,6 +29,9 @@ else:
             model="results/base_model",
             # stage rloo: the reward model (a stage rm folder) is an input like any other
             **({"reward_model": config["reward_model"]} if config["reward_model"] else {}),
+            # resume_from_checkpoint given as a path: a Trainer checkpoint folder (LLaMA-Factory's)
+            **({"checkpoint": config["resume_from_checkpoint"]}
+               if isinstance(config["resume_from_checkpoint"], str) else {}),
         output:
             adapter=report(directory("results/adapter"), patterns=["{name}.png"], caption="../../report/loss.rst",
                            category="Training"),
