@@ -202,6 +202,25 @@ def test_gptq_calibration_set_is_seeded_and_cut_with_a_log_line(tokenizer, caplo
     assert "only 40 examples for export_quantization_nsamples=100" in caplog.text
 
 
+def test_gptq_calibration_file_as_in_llamafactorys_examples(tmp_path, tiny_model, tokenizer):
+    """export_quantization_dataset: data/c4_demo.jsonl (LLaMA-Factory's GPTQ example): the file's `text`
+    column is the calibration set, and the file is the rule's input (an edit reruns the export)."""
+    from conftest import LF_DATA, make_workdir, planned_jobs, snakemake
+    from tuneline.export_gptq import calibration_texts, load_examples
+
+    c4 = LF_DATA / "c4_demo.jsonl"
+    examples = load_examples({}, {"export_quantization_dataset": str(c4)}, LOG)
+    assert len(examples) == sum(1 for line in c4.read_text().splitlines() if line.strip())
+    texts = calibration_texts(examples, None, tokenizer, 4, 32, seed=1, log=LOG)
+    assert len(texts) == 4 and all(t.strip() for t in texts)
+    work = make_workdir(tmp_path, tiny_model, export_quantization_dataset=str(c4))
+    assert "export_gptq" in planned_jobs(work, "results/export/gptq-4bit")
+    plan = snakemake(work, "--dry-run", "results/export/gptq-4bit").output
+    assert re.search(r"rule export_gptq:\s+input: [^\n]*c4_demo\.jsonl", plan)
+    with pytest.raises(TunelineError, match="no record has a `text` column"):
+        load_examples({}, {"export_quantization_dataset": str(LF_DATA / "alpaca_en_demo.json")}, LOG)
+
+
 def test_gptq_on_cuda(merged, tmp_path):
     import torch
 

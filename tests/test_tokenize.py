@@ -64,3 +64,32 @@ def test_efficient_eos_template_appends_eos(tokenizer):
     template = get_template("fewshot", tokenizer)
     ids, labels, _ = encode_supervised(template, EXAMPLE, 1024, False, False)
     assert ids[-1] == labels[-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("stage,dataset", [("sft", "alpaca_en_demo"), ("dpo", "dpo_en_demo")])
+def test_tokenize_in_worker_processes_writes_the_same_rows(tmp_path, tiny_model, stage, dataset, caplog):
+    """The job's threads (data_job_cpus; LLaMA-Factory's preprocessing_num_workers) encode in forked processes:
+    the same rows in the same order, byte for byte, as one process."""
+    import logging
+
+    import datasets
+
+    from conftest import LF_DATA
+    from tuneline import encoding, prepare_data, tokenize
+    from tuneline.config import rule_params
+    from tuneline.registry import selected_entries
+
+    log = logging.getLogger("t")
+    params = rule_params({"dataset_dir": str(LF_DATA), "dataset": dataset, "stage": stage, "val_size": 0}, "prepare_data")
+    params["entries"] = selected_entries(params["dataset_dir"], params["dataset"])
+    prepare_data.main({}, {"data": str(tmp_path / "data")}, params, log)
+    tok_params = rule_params({"cutoff_len": 64, "stage": stage}, "tokenize")
+    out = {}
+    for threads in (1, 2):
+        with caplog.at_level(logging.INFO):
+            tokenize.main({"data": str(tmp_path / "data"), "model": str(tiny_model)},
+                          {"tokenized": str(tmp_path / f"tok{threads}")}, tok_params, log, threads=threads)
+        out[threads] = datasets.load_from_disk(str(tmp_path / f"tok{threads}" / "train")).to_dict()
+    assert out[1] == out[2] and len(next(iter(out[1].values()))) >= 2 * encoding.MIN_CHUNK
+    assert "examples encoded in 2 processes" in caplog.text
+    assert (tmp_path / "tok1" / "stats.json").read_text() == (tmp_path / "tok2" / "stats.json").read_text()

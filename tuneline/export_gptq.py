@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import TunelineError
 from .jsonl import read_jsonl
+from .registry import is_data_file
 from .templates import load_template
 from .verify import behaviour, compare_behaviour
 
@@ -64,6 +65,19 @@ def calibration_texts(examples: list[dict], template, tokenizer, nsamples: int, 
 def load_examples(inputs: dict, params: dict, log) -> list[dict]:
     if inputs.get("data"):
         return read_jsonl(Path(inputs["data"]) / "train.jsonl")
+    source = params["export_quantization_dataset"]
+    if is_data_file(source):  # LLaMA-Factory's form: a file whose `text` column is the calibration text
+        from .records import read_file
+
+        records = read_file(Path(source).expanduser())
+        texts = [{"text": r["text"]} for r in records if isinstance(r.get("text"), str) and r["text"].strip()]
+        if not texts:
+            raise TunelineError(f"export_quantization_dataset {source}: no record has a `text` column (LLaMA-Factory's "
+                                "calibration files do); give registry names for conversation data.")
+        if len(texts) < len(records):
+            log.info("calibration: %d of %d records of %s have no text and are skipped", len(records) - len(texts),
+                     len(records), source)
+        return texts
     from .records import collect_for
 
     return collect_for(params, log)[0]

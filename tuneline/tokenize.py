@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import stages
+from . import encoding, stages
 from .errors import TunelineError
 from .jsonl import read_jsonl
 from .templates import get_template
@@ -30,7 +30,8 @@ def main(inputs, outputs, params, log, threads=1):
     for split in ("train", "validation"):
         source = inputs["data"] if split == "train" else inputs.get("eval_data", inputs["data"])
         examples = read_jsonl(Path(source) / f"{split}.jsonl")
-        columns, all_stats[split] = stage.encode(template, examples, params, log, split)
+        with encoding.workers(threads):  # data_job_cpus (LLaMA-Factory's preprocessing_num_workers)
+            columns, all_stats[split] = stage.encode(template, examples, params, log, split)
         if split == "train" and not any(columns.values()):
             raise TunelineError("no training examples left after tokenization (all were dropped); "
                                 "raise cutoff_len or check the data.")

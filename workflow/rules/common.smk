@@ -45,7 +45,9 @@ try:
         EVAL_ENTRIES = registry.selected_entries(config["dataset_dir"], config["eval_dataset"])
         EVAL_FILES = registry.data_files(config["dataset_dir"], EVAL_ENTRIES)
     CALIBRATION_ENTRIES, CALIBRATION_FILES = {}, []
-    if config["export_quantization_dataset"]:
+    if registry.is_data_file(config["export_quantization_dataset"]):  # LLaMA-Factory's: a file, `text` column
+        CALIBRATION_FILES = [config["export_quantization_dataset"]]
+    elif config["export_quantization_dataset"]:
         CALIBRATION_ENTRIES = registry.selected_entries(config["dataset_dir"], config["export_quantization_dataset"])
         CALIBRATION_FILES = registry.data_files(config["dataset_dir"], CALIBRATION_ENTRIES)
 except TunelineError as err:
