@@ -119,6 +119,32 @@ def test_optim_eval_during_training_and_tensorboard(tmp_path, tiny_model, monkey
     assert args.optim == "adafactor"
 
 
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
+def test_report_to_mlflow_and_wandb_record_the_loss_offline(tmp_path, tiny_model, tokenized, monkeypatch, tracker):
+    """mlflow: a local file store mlruns/ in the run's folder; wandb: an offline run under wandb/ (no network)."""
+    pytest.importorskip(tracker)
+    for var in ("DISABLE_MLFLOW_INTEGRATION", "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_EXPERIMENT_NAME", "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT",
+                "WANDB_SILENT"):
+        monkeypatch.delenv(var, raising=False)  # restored (removed) after the test
+    monkeypatch.chdir(tmp_path)
+    out = run_train(tmp_path, tiny_model, tokenized, report_to=tracker, max_steps=4)
+    steps = [h["loss"] for h in json.loads((out / "loss_history.json").read_text()) if "loss" in h]
+    if tracker == "mlflow":
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient((tmp_path / "mlruns").as_uri())
+        [run] = client.search_runs([client.get_experiment_by_name("tuneline").experiment_id])
+        assert run.info.run_name.startswith("train-")
+        logged = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
+        assert logged == pytest.approx(steps)
+    else:
+        import re
+
+        [record] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # protobuf records, values as JSON text
+        logged = {float(v) for v in re.findall(rb"train/loss\x82\x01.([-0-9.e]+)", record.read_bytes())}
+        assert len(steps) == 4 and all(any(abs(v - x) < 1e-6 for v in logged) for x in steps)
+
+
 def test_eval_strategy_without_a_validation_split_is_an_error(tmp_path, tiny_model, tokenized, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TunelineError, match="eval_strategy steps needs a validation split: set val_size"):

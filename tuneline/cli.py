@@ -90,6 +90,27 @@ def _bench(args) -> int:
     return 0
 
 
+def _board(args) -> int:
+    import secrets
+    from pathlib import Path
+
+    import uvicorn
+
+    from .board.app import LOOPBACK, create_app
+
+    token = secrets.token_urlsafe(24)
+    hosts = {f"{args.host}:{args.port}"}
+    if args.host in LOOPBACK:
+        hosts |= {f"127.0.0.1:{args.port}", f"localhost:{args.port}", f"[::1]:{args.port}"}
+    else:
+        print(f"warning: {args.host} is not a loopback address: anyone who can reach it and has the token below "
+              "can run jobs on this machine", file=sys.stderr)
+    app = create_app(Path(args.project), token, hosts)
+    print(f"Tuneline board: http://{args.host}:{args.port}/?token={token}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tuneline", description="LLM fine-tuning as a Snakemake pipeline. "
                                      "Run the pipeline with `snakemake --cores 4 results/merged_model`.")
@@ -134,6 +155,14 @@ def main(argv=None) -> int:
     bench.add_argument("snakemake_args", nargs="*", metavar="-- SNAKEMAKE_ARGS",
                        help="further snakemake options after --, e.g. -- --profile profiles/slurm")
     bench.set_defaults(fn=_bench)
+    board = sub.add_parser(
+        "board", help="a local web page: configure, plan, start, watch and stop runs",
+        description="Serve the board on 127.0.0.1 (a random token per start, printed as the URL to open). "
+                    "Runs are snakemake runs in runs/<name>/ of the project (output_dir).")
+    board.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    board.add_argument("--port", type=int, default=7860)
+    board.add_argument("--project", default=".", help="the project folder runs and configs live in (default .)")
+    board.set_defaults(fn=_board)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["run"] and not {"-h", "--help"} & set(argv[1:2]):  # everything after `run` is snakemake's
         args = argparse.Namespace(fn=_run, snakemake_args=argv[1:])

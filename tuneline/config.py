@@ -149,8 +149,9 @@ def coerce_cli_values(config: dict, schema: dict | None = None) -> None:
             config[key] = parsed
 
 
-def check_values(config: dict, schema: dict | None = None) -> None:
-    """Types and allowed values, with messages that start with the key's name."""
+def value_problems(config: dict, schema: dict | None = None) -> list[tuple[str | None, str]]:
+    """[(key, message)] for each value of the wrong type or not allowed (the board shows each beside
+    its field); messages start with the key's name."""
     from jsonschema import Draft202012Validator
 
     schema = schema or load_schema()
@@ -159,10 +160,10 @@ def check_values(config: dict, schema: dict | None = None) -> None:
         reason = spec.get("unsupported", {}).get(config.get(key)) if isinstance(config.get(key), str) else None
         if reason:
             allowed = ", ".join("null" if v is None else str(v) for v in spec["enum"])
-            problems.append(f"config key '{key}' = {config[key]!r} is not supported: {' '.join(reason.split())} "
-                            f"Allowed: {allowed}.")
+            problems.append((key, f"config key '{key}' = {config[key]!r} is not supported: "
+                                  f"{' '.join(reason.split())} Allowed: {allowed}."))
     if problems:
-        raise TunelineError(" ".join(problems))
+        return problems
     for err in sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path)):
         key = err.path[0] if err.path else None
         spec = keys(schema).get(key, {})
@@ -171,9 +172,15 @@ def check_values(config: dict, schema: dict | None = None) -> None:
             hint = " " + " ".join(str(spec.get("description", "")).split())
         elif "enum" in spec:
             hint = " Allowed: " + ", ".join("null" if v is None else str(v) for v in spec["enum"]) + "."
-        problems.append(f"config key '{key}' = {config.get(key)!r}: {err.message}.{hint}")
+        problems.append((key, f"config key '{key}' = {config.get(key)!r}: {err.message}.{hint}"))
+    return problems
+
+
+def check_values(config: dict, schema: dict | None = None) -> None:
+    """Types and allowed values, with messages that start with the key's name."""
+    problems = value_problems(config, schema)
     if problems:
-        raise TunelineError(" ".join(problems) + " See docs/config.md.")
+        raise TunelineError(" ".join(message for _, message in problems) + " See docs/config.md.")
 
 
 def check_files(config: dict) -> None:

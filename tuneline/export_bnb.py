@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from .errors import TunelineError
-from .modeling import compute_dtype, load_causal_lm, load_for_inference, require_causal_lm, set_threads
+from .modeling import compute_dtype, load_causal_lm, load_for_inference, set_threads
 from .templates import load_template
 from .verify import behaviour, compare_to
 
@@ -32,10 +32,11 @@ def main(inputs, outputs, params, log, threads=1):
     if bits not in MIN_TOP1:
         raise TunelineError(f"export_bnb: {bits}-bit is not a bitsandbytes format; ask for bnb-4bit or bnb-8bit.")
     model_dir, out = Path(inputs["model"]), Path(outputs["model"])
-    require_causal_lm(model_dir, "bitsandbytes")
+    reference_model = load_for_inference(model_dir, "the bitsandbytes export")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = load_template(model_dir, tokenizer)
-    reference = behaviour(load_for_inference(model_dir), template, tokenizer)
+    reference = behaviour(reference_model, template, tokenizer)
+    del reference_model  # before the quantized copy is loaded
 
     quant = {"bits": bits, "type": params["quantization_type"], "double": params["double_quantization"]}
     dtype = compute_dtype(False, False)

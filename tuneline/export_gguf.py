@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from .errors import TunelineError
-from .modeling import load_for_inference, require_causal_lm, set_threads
+from .modeling import load_for_inference, set_threads
 from .templates import load_template
 from .verify import CHECK_PROMPTS, behaviour, compare_behaviour, prompt_ids, same_answers
 
@@ -295,10 +295,9 @@ def main(inputs, outputs, params, log, threads=1):
         raise TunelineError(f"export_gguf_types {kinds}: {', '.join(unknown) or 'empty list'} not supported; "
                             f"choose from {', '.join(TYPES)}.")
     model_dir = Path(inputs["model"])
-    require_causal_lm(model_dir, "GGUF")
+    model = load_for_inference(model_dir, "the GGUF export")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = load_template(model_dir, tokenizer)
-    model = load_for_inference(model_dir)
     source = json.loads((Path(inputs["base"]) / "source.json").read_text())
     pre = tokenizer_pre(source, tokenizer, model.config, log)
     reference = behaviour(model, template, tokenizer)

@@ -95,7 +95,7 @@ def main(inputs, outputs, params, log, threads=1):
     from .modeling import load_for_inference, require_causal_lm
 
     model_dir, out = Path(inputs["model"]), Path(outputs["model"])
-    require_causal_lm(model_dir, "GPTQ")
+    require_causal_lm(model_dir, "the GPTQ export")  # before calibrating: the reference is loaded later
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = load_template(model_dir, tokenizer)
     texts = calibration_texts(load_examples(inputs, params, log), template, tokenizer,

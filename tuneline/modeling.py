@@ -78,12 +78,13 @@ def is_reward_model(path) -> bool:
     return False
 
 
-def require_causal_lm(path, export: str) -> None:
-    """Quantized exports verify a model by its next-token logits and greedy answers: a reward model
-    (stage rm) has neither, only the value head's score."""
+def require_causal_lm(path, use: str) -> None:
+    """Generation (predict, mmlu, chat) and the quantized exports, which verify a model by its next-token
+    logits and greedy answers, need a causal LM: a reward model (stage rm) has only the value head's score."""
     if is_reward_model(path):
-        raise TunelineError(f"{path} is a reward model (stage rm): the {export} export is for generating models. "
-                            "Use export_format: merged, which keeps the value head (`score`) in safetensors.")
+        raise TunelineError(f"{path} is a reward model (stage rm): it scores a conversation and does not generate "
+                            f"one, which {use} needs. Its evaluation is rule reward_accuracy; export_format: merged "
+                            "keeps its value head (`score`) in safetensors.")
 
 
 ATTENTION = {"auto": None, "sdpa": "sdpa", "disabled": "eager", "fa2": "flash_attention_2"}
@@ -182,14 +183,11 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def load_for_inference(path):
-    """A saved model folder in fp32, in eval mode (predict, mmlu, chat)."""
+def load_for_inference(path, use: str = "generation"):
+    """A saved causal LM folder in fp32, in eval mode (predict, mmlu, chat, the exports' references)."""
     import torch
 
-    if is_reward_model(path):
-        raise TunelineError(f"{path} is a reward model (stage rm): it scores a conversation, it does not "
-                            "generate one. Its evaluation is rule reward_accuracy.")
-
+    require_causal_lm(path, use)
     return load_causal_lm(path, torch.float32).eval()
 
 

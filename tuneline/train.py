@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import stages
+from . import stages, tracking
 from .checkpoints import checkpoint_dir, resumable_checkpoint, train_key
 from .config import check_checkpoint
 from .errors import TunelineError
@@ -68,6 +68,7 @@ def training_arguments(params: dict, out_dir: Path, dtype):
         per_device_eval_batch_size=params["per_device_train_batch_size"],
         optim=params["optim"],
         report_to=[] if params["report_to"] == "none" else [params["report_to"]],
+        run_name=out_dir.name,  # the checkpoint key (train-<hash>): the tracker's run name
         disable_tqdm=False,
         dataloader_num_workers=params["dataloader_num_workers"],
         **distributed_arguments(params, cuda),
@@ -131,8 +132,7 @@ def train(inputs, outputs, params, log, threads=1):
     if rank0:
         ckpt.mkdir(parents=True, exist_ok=True)
         (ckpt / "train_key.json").write_text(json.dumps(key, indent=2, sort_keys=True))
-    if params["report_to"] == "tensorboard":  # events beside the checkpoints; copied to the output at the end
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(ckpt / "runs")
+    tracking.configure(params["report_to"], ckpt, log)
     args = training_arguments(params, ckpt, dtype)
     optimizers = (None, None)
     if params["loraplus_lr_ratio"]:
@@ -169,6 +169,7 @@ def train(inputs, outputs, params, log, threads=1):
         trainer.remove_callback(TensorBoardCallback)  # it closed its file at the end of training
         metrics.update(trainer.evaluate())
         log.info("validation loss %.4f", metrics["eval_loss"])
+    tracking.finish(params["report_to"])
     if not trainer.is_world_process_zero():
         return {}  # rank 0 writes the outputs
 

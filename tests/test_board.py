@@ -1,0 +1,194 @@
+"""`tuneline board` (issue #17, first part): the form from the schema, the plan, runs started and stopped, and
+the security checks. Driven over HTTP with Starlette's test client (no browser yet)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import yaml
+
+pytest.importorskip("starlette")
+pytest.importorskip("multipart")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from conftest import REPO, tiny_config  # noqa: E402
+from tuneline.board import forms, runs  # noqa: E402
+from tuneline.board.app import create_app, svg_curve  # noqa: E402
+
+TOKEN = "t0ken"
+
+
+@pytest.fixture
+def project(tmp_path):
+    return tmp_path
+
+
+def client(project, token=TOKEN) -> TestClient:
+    c = TestClient(create_app(project, TOKEN))
+    if token:
+        c.cookies.set("tuneline_board", token)
+    return c
+
+
+def tiny_form(tiny_model, **extra) -> dict:
+    """The keys a tiny-model run changes, as the form submits them (strings)."""
+    cfg = tiny_config(tiny_model, REPO / "resources", **extra)
+    return {k: ("" if v is None else str(v).lower() if isinstance(v, bool) else str(v)) for k, v in cfg.items()}
+
+
+def wait_for(c, name, states, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        row = re.search(rf'id="run-{name}">.*?class="state">(\w+)<', c.get("/runs").text, re.S)
+        if row and row.group(1) in states:
+            return row.group(1)
+        time.sleep(0.5)
+    raise AssertionError(f"run {name} not in {states} after {timeout} s")
+
+
+def test_every_request_needs_the_token_the_host_and_the_origin_of_the_board(project):
+    anonymous = client(project, token=None)
+    assert anonymous.get("/").status_code == 403
+    assert anonymous.post("/plan", data={"lora_rank": "4"}).status_code == 403
+    assert anonymous.get("/static/htmx-2.0.11.min.js").status_code == 403
+    assert client(project, token="guess").get("/runs").status_code == 403
+    opened = anonymous.get(f"/?token={TOKEN}", follow_redirects=False)
+    assert opened.status_code == 303 and opened.headers["location"].endswith("/")
+    cookie = opened.headers["set-cookie"]
+    assert f"tuneline_board={TOKEN}" in cookie and "SameSite=strict" in cookie and "HttpOnly" in cookie
+    c = client(project)
+    assert c.get("/").status_code == 200
+    # a form on another local port posting here carries the cookie (same site) but not this Origin
+    assert c.post("/save", data={"name": "x"}, headers={"origin": "http://localhost:9999"}).status_code == 403
+    assert c.get("/", headers={"host": "evil.example"}).status_code == 403  # DNS rebinding
+    assert not (project / "configs").exists()
+
+
+def test_the_form_is_the_schema_grouped_as_llama_board_with_the_merged_defaults(project):
+    page = client(project).get("/").text
+    for key in forms.cfg.keys():
+        assert f'id="field-{key}"' in page
+    for group in forms.GROUPS:
+        assert f'id="group-{group}"' in page
+    fields = {f.key: f for f in forms.fields()}
+    assert fields["cutoff_len"].value == 256 and fields["cutoff_len"].default == 2048  # config/config.yaml wins
+    assert fields["lora_rank"].group == "LoRA" and fields["pref_beta"].group == "RLHF"
+    assert fields["model_name_or_path"].group == "model" and fields["export_dir"].group == "export"
+    assert fields["bf16"].choices == [True, False]
+    nullable = [f for f in fields.values() if f.kind == "bool" and f.nullable]
+    assert all(f.choices == [None, True, False] for f in nullable)
+    select = re.search(r'<select name="quantization_bit".*?</select>', page, re.S).group(0)
+    assert re.search(r'<option value="4" selected>', select)
+
+
+def test_a_bad_value_is_shown_beside_its_field_and_nothing_runs(project):
+    c = client(project)
+    reply = c.post("/plan", data={"lora_rank": "many", "learning_rate": "fast", "target": "all"}).text
+    assert re.search(r'id="error-lora_rank" hx-swap-oob="true"> — config key \'lora_rank\'', reply.replace("&#39;", "'"))
+    assert "error-learning_rate" in reply and "Nothing runs until these are fixed" in reply
+    assert not (project / "runs").exists()
+    reply = c.post("/runs", data={"lora_rank": "0", "name": "r"}).text
+    assert "error-lora_rank" in reply and not (project / "runs").exists()
+    assert "letters, digits" in c.post("/save", data={"name": "../x"}).text
+
+
+def test_only_changed_keys_are_kept_and_a_config_is_saved_and_loaded(project):
+    changed, problems = forms.from_form({"lora_rank": "16", "cutoff_len": "256", "bf16": "false",
+                                         "rope_scaling": "", "learning_rate": "5e-5", "bogus": "1"})
+    assert problems == [] and changed == {"lora_rank": 16, "learning_rate": 5e-5}
+    c = client(project)
+    assert "saved configs/mine.yaml" in c.post("/save", data={"name": "mine", "lora_rank": "16"}).text
+    assert yaml.safe_load((project / "configs" / "mine.yaml").read_text()) == {"lora_rank": 16}
+    page = c.get("/?config=mine").text
+    assert re.search(r'id="lora_rank" value="16"', page)
+
+
+def test_plan_start_progress_loss_chart_and_the_plan_after_editing_a_key(project, tiny_model):
+    c = client(project)
+    form = tiny_form(tiny_model, max_steps=4, logging_steps=1)
+    plan = c.post("/plan", data={**form, "name": "r1", "target": "results/adapter"}).text
+    planned = set(re.findall(r'<tr class="job"><td>(\w+)</td>', plan))
+    assert planned == {"base_model", "prepare_data", "tokenize", "train"}
+    assert "Missing output files" in plan
+    assert f"snakemake --configfile runs/r1/config.yaml --snakefile {REPO / 'Snakefile'} --cores all results/adapter" \
+        in plan
+    c.post("/runs", data={**form, "name": "r1", "target": "results/adapter"})
+    assert wait_for(c, "r1", {"finished", "failed"}) == "finished"
+    assert (project / "runs" / "r1" / "results" / "adapter" / "adapter_model.safetensors").is_file()
+    page = c.get("/runs").text
+    assert "4/4 steps" in page or re.search(r"\d+/\d+ steps", page)
+    svg = c.get("/runs/r1/loss.svg")
+    assert svg.headers["content-type"].startswith("image/svg+xml") and "<polyline" in svg.text
+    again = c.post("/plan", data={**form, "name": "r1", "target": "results/adapter"}).text
+    assert "Nothing to be done" in again
+    edited = c.post("/plan", data={**form, "lora_rank": "4", "name": "r1", "target": "results/adapter"}).text
+    assert set(re.findall(r'<tr class="job"><td>(\w+)</td>', edited)) == {"train"}
+    edited = c.post("/plan", data={**form, "cutoff_len": "64", "name": "r1", "target": "results/adapter"}).text
+    assert set(re.findall(r'<tr class="job"><td>(\w+)</td>', edited)) == {"tokenize", "train"}
+
+
+def test_stop_leaves_no_complete_looking_output_and_no_lock(project, tiny_model):
+    c = client(project)
+    form = tiny_form(tiny_model, max_steps=100000, save_steps=100000)
+    c.post("/runs", data={**form, "name": "long", "target": "results/adapter"})
+    log = project / "runs" / "long" / "logs" / "train.log"
+    deadline = time.time() + 300
+    while not (log.is_file() and "trainable" in log.read_text()):
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    time.sleep(2)  # mid-training
+    c.post("/runs/long/stop")
+    assert wait_for(c, "long", {"stopped"}, timeout=60) == "stopped"
+    assert not (project / "runs" / "long" / "results" / "adapter").exists()
+    assert not list((project / "runs" / "long" / ".snakemake" / "locks").glob("*"))
+    assert (project / "runs" / "long" / "results" / "tokenized").is_dir()  # finished steps stay
+
+
+def test_the_loss_curve_is_a_server_rendered_svg():
+    svg = svg_curve([(1, 2.0), (2, 1.5), (3, 1.0)])
+    assert svg.startswith("<svg") and svg.count(",") == 3 and "step 3" in svg
+    assert "no loss logged yet" in svg_curve([])
+    with pytest.raises(ValueError):
+        runs.checked_target("results/../../etc")
+
+
+def test_tuneline_board_serves_on_loopback_with_a_printed_token_and_exits_on_sigterm(project):
+    import http.cookiejar
+    import os
+    import signal
+    import socket
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tuneline = REPO / ".venv" / "bin" / "tuneline"
+    proc = subprocess.Popen([str(tuneline), "board", "--port", str(port), "--project", str(project)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"(http://127\.0\.0\.1:\d+/\?token=\S+)", line).group(1)
+        for _ in range(100):  # the URL is printed just before uvicorn listens
+            try:
+                with pytest.raises(urllib.error.HTTPError) as denied:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/")
+                break
+            except urllib.error.URLError as err:
+                if isinstance(err, urllib.error.HTTPError):
+                    raise
+                time.sleep(0.1)
+        assert denied.value.code == 403
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        with opener.open(url) as page:
+            assert page.status == 200 and "Tuneline board" in page.read().decode()
+        start = time.time()
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=15) is not None and time.time() - start < 15
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,146 @@
+"""The board's Starlette app: routes, and the middleware that checks Host, Origin and the token."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from . import forms, runs
+
+HERE = Path(__file__).parent
+COOKIE = "tuneline_board"
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+KEYS = list(forms.cfg.keys())
+
+
+class Guard:
+    """403 unless the Host is the board's own, any Origin is the board's own, and the token came (once, as
+    ?token= in the printed URL, which sets a SameSite=Strict cookie and redirects to the page without it)."""
+
+    def __init__(self, app, token: str, hosts: set[str]):
+        self.app, self.token, self.hosts = app, token, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        host = request.headers.get("host", "")
+        origin = request.headers.get("origin")
+        if host not in self.hosts or (origin is not None and urlsplit(origin).netloc not in self.hosts):
+            return await PlainTextResponse("forbidden: not this board's host or origin", 403)(scope, receive, send)
+        given = request.query_params.get("token")
+        if given is not None and hmac.compare_digest(given, self.token):
+            response = RedirectResponse(request.url.remove_query_params("token"), 303)
+            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+            return await response(scope, receive, send)
+        if not hmac.compare_digest(request.cookies.get(COOKIE, ""), self.token):
+            return await PlainTextResponse("forbidden: open the URL with the token that `tuneline board` printed",
+                                           403)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def create_app(project: Path, token: str | None = None, hosts: set[str] | None = None) -> Starlette:
+    project = Path(project).resolve()
+    token = token or secrets.token_urlsafe(24)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+
+    async def index(request: Request):
+        loaded, problem = {}, None
+        name = request.query_params.get("config")
+        if name:
+            try:
+                loaded = forms.cfg.load_config_file(project / "configs" / f"{runs.checked_name(name)}.yaml")
+            except (ValueError, forms.cfg.TunelineError) as err:
+                problem = str(err)
+        return templates.TemplateResponse(request, "index.html", {
+            "groups": forms.GROUPS, "fields": forms.fields(loaded), "targets": runs.TARGETS, "problem": problem,
+            "runs": runs.list_runs(project), "configs": sorted(p.stem for p in (project / "configs").glob("*.yaml"))})
+
+    async def submitted(request: Request):
+        form = dict(await request.form())
+        changed, problems = forms.from_form(form)
+        return form, changed, problems
+
+    async def check_plan(request: Request):
+        form, changed, problems = await submitted(request)
+        if problems:
+            return templates.TemplateResponse(request, "problems.html", {"problems": problems, "keys": KEYS})
+        try:
+            result = runs.plan(project, changed, form.get("target", "all"), form.get("name") or "plan")
+        except ValueError as err:
+            return templates.TemplateResponse(request, "problems.html", {"problems": [(None, str(err))], "keys": KEYS})
+        return templates.TemplateResponse(request, "plan.html", {"plan": result, "yaml": forms.to_yaml(changed),
+                                                                 "keys": KEYS})
+
+    async def save(request: Request):
+        form, changed, problems = await submitted(request)
+        if problems:
+            return templates.TemplateResponse(request, "problems.html", {"problems": problems, "keys": KEYS})
+        try:
+            name = runs.checked_name(form.get("name", ""))
+        except ValueError as err:
+            return templates.TemplateResponse(request, "problems.html", {"problems": [("name", str(err))], "keys": KEYS})
+        (project / "configs").mkdir(exist_ok=True)
+        (project / "configs" / f"{name}.yaml").write_text(forms.to_yaml(changed))
+        return HTMLResponse(f"<p class=ok>saved configs/{name}.yaml</p>")
+
+    async def start(request: Request):
+        form, changed, problems = await submitted(request)
+        if problems:
+            return templates.TemplateResponse(request, "problems.html", {"problems": problems, "keys": KEYS})
+        try:
+            runs.start(project, form.get("name", ""), changed, form.get("target", "all"))
+        except ValueError as err:
+            return templates.TemplateResponse(request, "problems.html", {"problems": [("name", str(err))], "keys": KEYS})
+        return templates.TemplateResponse(request, "runs.html", {"runs": runs.list_runs(project)})
+
+    async def run_list(request: Request):
+        return templates.TemplateResponse(request, "runs.html", {"runs": runs.list_runs(project)})
+
+    async def stop(request: Request):
+        try:
+            runs.stop(project, request.path_params["name"])
+        except (ValueError, FileNotFoundError) as err:
+            return PlainTextResponse(str(err), 404)
+        return templates.TemplateResponse(request, "runs.html", {"runs": runs.list_runs(project)})
+
+    async def loss_svg(request: Request):
+        try:
+            info = runs.status(project, request.path_params["name"])
+        except ValueError as err:
+            return PlainTextResponse(str(err), 404)
+        return Response(svg_curve(info.get("loss", [])), media_type="image/svg+xml")
+
+    routes = [Route("/", index), Route("/plan", check_plan, methods=["POST"]), Route("/save", save, methods=["POST"]),
+              Route("/runs", run_list), Route("/runs", start, methods=["POST"]),
+              Route("/runs/{name}/stop", stop, methods=["POST"]), Route("/runs/{name}/loss.svg", loss_svg),
+              Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")]
+    app = Starlette(routes=routes, middleware=[Middleware(Guard, token=token, hosts=hosts or {"testserver"})])
+    app.state.token = token
+    return app
+
+
+def svg_curve(points: list[tuple[float, float]], width: int = 480, height: int = 200) -> str:
+    """A loss curve as a server-rendered SVG polyline (no plotting library in the page)."""
+    if not points:
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
+                '<text x="10" y="20">no loss logged yet</text></svg>')
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs) or 1, min(ys), max(ys)
+    sx = (width - 50) / ((x1 - x0) or 1)
+    sy = (height - 30) / ((y1 - y0) or 1)
+    line = " ".join(f"{40 + (x - x0) * sx:.1f},{10 + (y1 - y) * sy:.1f}" for x, y in points)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="loss">'
+            f'<polyline fill="none" stroke="#2a6" stroke-width="2" points="{line}"/>'
+            f'<text x="2" y="14" font-size="11">{y1:.3g}</text><text x="2" y="{height - 18}" font-size="11">{y0:.3g}</text>'
+            f'<text x="{width - 60}" y="{height - 4}" font-size="11">step {x1:g}</text></svg>')

@@ -1,0 +1,157 @@
+"""Plans and runs for the board: Snakemake's own dry run, and `snakemake` processes in runs/<name>/.
+
+A run is the `output_dir` mechanism of the command line: runs/<name>/config.yaml holds the changed
+keys plus `output_dir: runs/<name>`, and `snakemake --configfile runs/<name>/config.yaml TARGET`
+runs in the project, so its results, logs and Snakemake state live in runs/<name>/ and two runs
+never overwrite each other. The process runs in a session of its own; Stop sends SIGTERM to the
+whole group (Snakemake cancels its jobs, removes their incomplete output and releases its lock),
+then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import SCHEMA_PATH
+
+REPO = SCHEMA_PATH.parent.parent
+SNAKEFILE = REPO / "Snakefile"
+TARGETS = ("all", "results/adapter", "results/merged_model", "evaluate", "export")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+STOP_GRACE_S = 30
+
+
+def checked_name(name: str) -> str:
+    if not NAME.match(name or "") or ".." in name:
+        raise ValueError(f"name {name!r}: letters, digits, '.', '_' and '-' only (at most 64), not starting with "
+                         "a dot or dash")
+    return name
+
+
+def checked_target(target: str) -> str:
+    if target not in TARGETS:
+        raise ValueError(f"target {target!r}: one of {', '.join(TARGETS)}")
+    return target
+
+
+def command(configfile: str, target: str, dry_run: bool = False) -> list[str]:
+    """The exact snakemake argv (also shown on the page as the command preview)."""
+    # --configfile takes several values: it goes first, so that nothing after it is read as a config file
+    argv = [sys.executable, "-m", "snakemake", "--configfile", configfile, "--snakefile", str(SNAKEFILE),
+            "--cores", "all"]
+    return argv + (["--dry-run"] if dry_run else []) + [checked_target(target)]
+
+
+def shown(argv: list[str]) -> str:
+    return " ".join(["snakemake", *argv[3:]])
+
+
+def plan(project: Path, changed: dict, target: str, name: str = "plan") -> dict:
+    """Snakemake's dry run of the changed keys in runs/<name>/: {jobs: [{rule, reason}], command, ok, output}."""
+    folder = project / "runs" / checked_name(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    configfile = folder / "plan.yaml"  # config.yaml stays the one the run ran with
+    configfile.write_text(yaml.safe_dump({**changed, "output_dir": f"runs/{name}"}, sort_keys=True))
+    argv = command(str(configfile.relative_to(project)), target, dry_run=True)
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    jobs = []
+    for block in re.finditer(r"^(?:local)?rule (\w+):\n((?:[ \t]+.*\n?)*)", output, re.M):  # the indented lines
+        reason = re.search(r"^\s*reason: (.+)$", block.group(2), re.M)
+        if block.group(1) != "all":
+            jobs.append({"rule": block.group(1), "reason": reason.group(1) if reason else ""})
+    return {"jobs": jobs, "ok": proc.returncode == 0, "output": output[-4000:], "nothing": "Nothing to be done" in output,
+            "command": shown(command(f"runs/{name}/config.yaml", target)),
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def start(project: Path, name: str, changed: dict, target: str) -> dict:
+    folder = project / "runs" / checked_name(name)
+    if (folder / "run.json").is_file() and status(project, name)["state"] == "running":
+        raise ValueError(f"run {name} is running already")
+    folder.mkdir(parents=True, exist_ok=True)
+    configfile = folder / "config.yaml"
+    configfile.write_text(yaml.safe_dump({**changed, "output_dir": f"runs/{name}"}, sort_keys=True))
+    argv = command(str(configfile.relative_to(project)), target)
+    with open(folder / "board.log", "wb") as log:
+        proc = subprocess.Popen(argv, cwd=project, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    info = {"name": name, "pid": proc.pid, "target": target, "command": shown(argv), "started": time.time()}
+    (folder / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    _CHILDREN[proc.pid] = proc
+    return info
+
+
+_CHILDREN: dict[int, subprocess.Popen] = {}  # started by this board process: reaped when they end
+
+
+def _alive(pid: int) -> bool:
+    proc = _CHILDREN.get(pid)
+    if proc is not None:
+        return proc.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def status(project: Path, name: str) -> dict:
+    folder = project / "runs" / checked_name(name)
+    if not (folder / "run.json").is_file():
+        return {"name": name, "state": "none"}
+    info = json.loads((folder / "run.json").read_text())
+    proc = _CHILDREN.get(info["pid"])
+    if _alive(info["pid"]):
+        info["state"] = "running"
+    else:
+        code = proc.returncode if proc is not None else None  # None: started by an earlier board process
+        info["returncode"] = code
+    log = folder / "board.log"
+    info["log_tail"] = log.read_text(errors="replace")[-6000:] if log.is_file() else ""
+    if info.get("state") != "running":
+        complete = code == 0 or (code is None and "(100%) done" in info["log_tail"])
+        info["state"] = "stopped" if info.get("stopped") else ("finished" if complete else "failed")
+    done = re.findall(r"(\d+) of (\d+) steps \((\d+)%\) done", info["log_tail"])
+    info["progress"] = {"done": int(done[-1][0]), "total": int(done[-1][1])} if done else None
+    history = folder / "results" / "adapter" / "loss_history.json"
+    info["loss"] = [(h["step"], h["loss"]) for h in json.loads(history.read_text()) if "loss" in h] \
+        if history.is_file() else []
+    return info
+
+
+def stop(project: Path, name: str, grace_s: float = STOP_GRACE_S) -> dict:
+    """SIGTERM to the run's process group; SIGKILL if it has not ended after grace_s."""
+    folder = project / "runs" / checked_name(name)
+    info = json.loads((folder / "run.json").read_text())
+    pid = info["pid"]
+    if _alive(pid):
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.time() + grace_s
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+        proc = _CHILDREN.get(pid)
+        if proc is not None:
+            proc.wait()
+        info["stopped"] = True
+        (folder / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    return status(project, name)
+
+
+def list_runs(project: Path) -> list[dict]:
+    root = project / "runs"
+    return [status(project, p.parent.name) for p in sorted(root.glob("*/run.json"))] if root.is_dir() else []
