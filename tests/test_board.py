@@ -119,7 +119,7 @@ def test_plan_start_progress_loss_chart_and_the_plan_after_editing_a_key(project
     assert wait_for(c, "r1", {"finished", "failed"}) == "finished"
     assert (project / "runs" / "r1" / "results" / "adapter" / "adapter_model.safetensors").is_file()
     page = c.get("/runs").text
-    assert "4/4 steps" in page or re.search(r"\d+/\d+ steps", page)
+    assert re.search(r"4/4 jobs, step 4 loss \d", page)
     svg = c.get("/runs/r1/loss.svg")
     assert svg.headers["content-type"].startswith("image/svg+xml") and "<polyline" in svg.text
     again = c.post("/plan", data={**form, "name": "r1", "target": "results/adapter"}).text
@@ -128,6 +128,16 @@ def test_plan_start_progress_loss_chart_and_the_plan_after_editing_a_key(project
     assert set(re.findall(r'<tr class="job"><td>(\w+)</td>', edited)) == {"train"}
     edited = c.post("/plan", data={**form, "cutoff_len": "64", "name": "r1", "target": "results/adapter"}).text
     assert set(re.findall(r'<tr class="job"><td>(\w+)</td>', edited)) == {"tokenize", "train"}
+
+    # a second run side by side, then the two compared: config diff, curves overlaid, reports side by side
+    c.post("/runs", data={**form, "lora_rank": "4", "name": "r2", "target": "results/adapter"})
+    assert wait_for(c, "r2", {"finished", "failed"}) == "finished"
+    page = c.get("/compare?a=r1&b=r2").text
+    assert re.search(r'<tr class="differs"><td>lora_rank</td><td>8</td><td>4</td>', page)
+    assert page.count('<pre class="summary">') == 2 and "4 steps" in page
+    overlay = c.get("/compare.svg?a=r1&b=r2").text
+    assert overlay.count("<polyline") == 2 and 'data-series="r1"' in overlay and 'data-series="r2"' in overlay
+    assert c.get("/compare?a=r1&b=../../etc").status_code == 400
 
 
 def test_stop_leaves_no_complete_looking_output_and_no_lock(project, tiny_model):
@@ -139,7 +149,10 @@ def test_stop_leaves_no_complete_looking_output_and_no_lock(project, tiny_model)
     while not (log.is_file() and "trainable" in log.read_text()):
         assert time.time() < deadline, "training did not start"
         time.sleep(0.2)
-    time.sleep(2)  # mid-training
+    deadline = time.time() + 60
+    while "<polyline" not in c.get("/runs/long/loss.svg").text:  # the curve drawn while it trains
+        assert time.time() < deadline, "no live loss curve"
+        time.sleep(0.2)
     c.post("/runs/long/stop")
     assert wait_for(c, "long", {"stopped"}, timeout=60) == "stopped"
     assert not (project / "runs" / "long" / "results" / "adapter").exists()
@@ -148,9 +161,9 @@ def test_stop_leaves_no_complete_looking_output_and_no_lock(project, tiny_model)
 
 
 def test_the_loss_curve_is_a_server_rendered_svg():
-    svg = svg_curve([(1, 2.0), (2, 1.5), (3, 1.0)])
-    assert svg.startswith("<svg") and svg.count(",") == 3 and "step 3" in svg
-    assert "no loss logged yet" in svg_curve([])
+    svg = svg_curve({"training": [(1, 2.0), (2, 1.5), (3, 1.0)], "validation": [(3, 1.2)]})
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and "step 3" in svg
+    assert "no loss logged yet" in svg_curve({"training": []})
     with pytest.raises(ValueError):
         runs.checked_target("results/../../etc")
 
@@ -192,3 +205,11 @@ def test_tuneline_board_serves_on_loopback_with_a_printed_token_and_exits_on_sig
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_list_key_is_a_comma_separated_field():
+    fields = {f.key: f for f in forms.fields()}
+    assert fields["export_gguf_types"].kind == "list" and fields["export_gguf_types"].value == "q8_0, q4_0, f16"
+    assert forms.from_form({"export_gguf_types": "q8_0, q4_0, f16"}) == ({}, [])
+    assert forms.from_form({"export_gguf_types": "f16"})[0] == {"export_gguf_types": ["f16"]}
+    assert forms.from_form({"export_gguf_types": "q9"})[1][0][0] == "export_gguf_types"

@@ -37,3 +37,36 @@ def whole_run_loss(history: list[dict], fallback):
             width = entry["step"] - previous
             total, steps, previous = total + entry["loss"] * width, steps + width, entry["step"]
     return total / steps if steps else fallback
+
+
+LIVE = "loss.jsonl"  # in the run's checkpoint folder, while it trains
+
+
+def live_loss_callback(path: Path):
+    """A TrainerCallback that appends each logged step ({step, loss | eval_loss, ...}) to `path` as one JSON
+    line as soon as the Trainer logs it, so the board (or `tail -f`) draws the curve during training;
+    loss_history.json in the output is the whole history at the end."""
+    import json
+
+    from transformers import TrainerCallback
+
+    class LiveLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    return LiveLoss()
+
+
+def read_live(path: Path) -> list[dict]:
+    """The lines written so far (a line cut off mid-write is skipped)."""
+    import json
+
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines() if Path(path).is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

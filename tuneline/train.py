@@ -27,7 +27,7 @@ from .checkpoints import checkpoint_dir, resumable_checkpoint, train_key
 from .config import check_checkpoint
 from .errors import TunelineError
 from .finetuning import build_model, loraplus_optimizer, sort_target_modules
-from .history import plot_loss, whole_run_loss
+from .history import LIVE, live_loss_callback, plot_loss, whole_run_loss
 from .launch import distributed_arguments, launch_distributed, world_size
 from .modeling import compute_dtype, set_threads, use_packed_attention
 from .stages import TrainRun
@@ -151,6 +151,7 @@ def train(inputs, outputs, params, log, threads=1):
             param.data = param.data.to(dtype)
         if recast:
             log.info("trainable weights kept in %s (%d tensors)", str(dtype).replace("torch.", ""), len(recast))
+    trainer.add_callback(live_loss_callback(ckpt / LIVE))  # the curve while it trains (tuneline board)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start

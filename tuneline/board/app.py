@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from html import escape
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -119,9 +120,25 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
             info = runs.status(project, request.path_params["name"])
         except ValueError as err:
             return PlainTextResponse(str(err), 404)
-        return Response(svg_curve(info.get("loss", [])), media_type="image/svg+xml")
+        return Response(svg_curve({"training": info["loss"], "validation": info["eval_loss"]}),
+                        media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
 
-    routes = [Route("/", index), Route("/plan", check_plan, methods=["POST"]), Route("/save", save, methods=["POST"]),
+    async def compare(request: Request):
+        try:
+            names = [runs.checked_name(request.query_params.get(k, "")) for k in ("a", "b")]
+        except ValueError as err:
+            return PlainTextResponse(str(err), 400)
+        return templates.TemplateResponse(request, "compare.html", runs.compare(project, *names))
+
+    async def compare_svg(request: Request):
+        try:
+            names = [runs.checked_name(request.query_params.get(k, "")) for k in ("a", "b")]
+        except ValueError as err:
+            return PlainTextResponse(str(err), 400)
+        curves = {name: runs.loss_curves(project / "runs" / name)[0] for name in names}
+        return Response(svg_curve(curves), media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
+
+    routes = [Route("/", index), Route("/compare", compare), Route("/compare.svg", compare_svg), Route("/plan", check_plan, methods=["POST"]), Route("/save", save, methods=["POST"]),
               Route("/runs", run_list), Route("/runs", start, methods=["POST"]),
               Route("/runs/{name}/stop", stop, methods=["POST"]), Route("/runs/{name}/loss.svg", loss_svg),
               Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")]
@@ -130,17 +147,27 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
     return app
 
 
-def svg_curve(points: list[tuple[float, float]], width: int = 480, height: int = 200) -> str:
-    """A loss curve as a server-rendered SVG polyline (no plotting library in the page)."""
-    if not points:
+COLORS = ("#2a6", "#c52", "#36c", "#a3a")
+
+
+def svg_curve(series: dict[str, list[tuple[float, float]]], width: int = 480, height: int = 200) -> str:
+    """Loss curves as one server-rendered SVG (no plotting library in the page): a polyline per series,
+    on shared axes, with a legend."""
+    series = {label: points for label, points in series.items() if points}
+    if not series:
         return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
                 '<text x="10" y="20">no loss logged yet</text></svg>')
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1, y0, y1 = min(xs), max(xs) or 1, min(ys), max(ys)
-    sx = (width - 50) / ((x1 - x0) or 1)
-    sy = (height - 30) / ((y1 - y0) or 1)
-    line = " ".join(f"{40 + (x - x0) * sx:.1f},{10 + (y1 - y) * sy:.1f}" for x, y in points)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="loss">'
-            f'<polyline fill="none" stroke="#2a6" stroke-width="2" points="{line}"/>'
-            f'<text x="2" y="14" font-size="11">{y1:.3g}</text><text x="2" y="{height - 18}" font-size="11">{y0:.3g}</text>'
-            f'<text x="{width - 60}" y="{height - 4}" font-size="11">step {x1:g}</text></svg>')
+    every = [p for points in series.values() for p in points]
+    x0, x1 = min(p[0] for p in every), max(p[0] for p in every)
+    y0, y1 = min(p[1] for p in every), max(p[1] for p in every)
+    sx, sy = (width - 50) / ((x1 - x0) or 1), (height - 40) / ((y1 - y0) or 1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="loss">']
+    for i, (label, points) in enumerate(series.items()):
+        color = COLORS[i % len(COLORS)]
+        line = " ".join(f"{40 + (x - x0) * sx:.1f},{20 + (y1 - y) * sy:.1f}" for x, y in points)
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{line}" data-series="{escape(label)}"/>')
+        parts.append(f'<text x="{60 + 130 * i}" y="12" font-size="11" fill="{color}">{escape(label)}</text>')
+    parts.append(f'<text x="2" y="24" font-size="11">{y1:.3g}</text>'
+                 f'<text x="2" y="{height - 18}" font-size="11">{y0:.3g}</text>'
+                 f'<text x="{width - 70}" y="{height - 4}" font-size="11">step {x1:g}</text></svg>')
+    return "".join(parts)

@@ -24,7 +24,7 @@ RLHF = re.compile(r"^(pref_|kto_|simpo_|reward_|num_generations|max_completion_l
 class Field:
     key: str
     group: str
-    kind: str  # "bool" (three states when nullable), "choice", "number", "text"
+    kind: str  # "bool" (three states when nullable), "choice", "number", "list" (comma-separated), "text"
     choices: list
     value: object  # as the workflow merges it
     default: object  # the schema's own default
@@ -73,9 +73,12 @@ def fields(loaded: dict | None = None) -> list[Field]:
             kind, choices = "choice", list(spec["enum"])
         elif {"integer", "number"} & set(types):
             kind, choices = "number", []
+        elif "array" in types:
+            kind, choices = "list", list(spec.get("items", {}).get("enum", []))
         else:
             kind, choices = "text", []
-        out.append(Field(key, group_of(key, where.get(key, "")), kind, choices, base.get(key), spec.get("default"),
+        value = ", ".join(map(str, base[key])) if kind == "list" and isinstance(base.get(key), list) else base.get(key)
+        out.append(Field(key, group_of(key, where.get(key, "")), kind, choices, value, spec.get("default"),
                          nullable, " ".join(str(spec.get("description", "")).split())))
     return sorted(out, key=lambda f: GROUPS.index(f.group))
 
@@ -90,7 +93,10 @@ def from_form(form: dict[str, str], base: dict | None = None) -> tuple[dict, lis
         if key not in known:
             continue
         types = known[key]["type"] if isinstance(known[key]["type"], list) else [known[key]["type"]]
-        given[key] = None if text == "" and ("null" in types or "string" not in types) else text
+        if "array" in types:  # a list field is comma-separated
+            given[key] = [item.strip() for item in text.split(",") if item.strip()]
+        else:
+            given[key] = None if text == "" and ("null" in types or "string" not in types) else text
     cfg.coerce_cli_values(given)
     changed = {k: v for k, v in given.items() if v != base.get(k)}
     problems = cfg.value_problems({**base, **changed})

@@ -22,6 +22,8 @@ from pathlib import Path
 import yaml
 
 from ..config import SCHEMA_PATH
+from ..history import LIVE, read_live
+from .forms import workflow_config
 
 REPO = SCHEMA_PATH.parent.parent
 SNAKEFILE = REPO / "Snakefile"
@@ -126,10 +128,21 @@ def status(project: Path, name: str) -> dict:
         info["state"] = "stopped" if info.get("stopped") else ("finished" if complete else "failed")
     done = re.findall(r"(\d+) of (\d+) steps \((\d+)%\) done", info["log_tail"])
     info["progress"] = {"done": int(done[-1][0]), "total": int(done[-1][1])} if done else None
-    history = folder / "results" / "adapter" / "loss_history.json"
-    info["loss"] = [(h["step"], h["loss"]) for h in json.loads(history.read_text()) if "loss" in h] \
-        if history.is_file() else []
+    info["loss"], info["eval_loss"] = loss_curves(folder)
     return info
+
+
+def loss_curves(folder: Path) -> tuple[list, list]:
+    """(training, validation) [(step, loss)] of a run: the finished adapter's loss_history.json, or while it
+    trains the live lines its checkpoint folder gets (history.live_loss_callback)."""
+    history_file = folder / "results" / "adapter" / "loss_history.json"
+    if history_file.is_file():
+        history = json.loads(history_file.read_text())
+    else:
+        live = sorted((folder / ".tuneline" / "checkpoints").glob(f"train-*/{LIVE}"), key=lambda p: p.stat().st_mtime)
+        history = read_live(live[-1]) if live else []
+    return ([(h["step"], h["loss"]) for h in history if "loss" in h],
+            [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h])
 
 
 def stop(project: Path, name: str, grace_s: float = STOP_GRACE_S) -> dict:
@@ -150,6 +163,24 @@ def stop(project: Path, name: str, grace_s: float = STOP_GRACE_S) -> dict:
         info["stopped"] = True
         (folder / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     return status(project, name)
+
+
+def compare(project: Path, a: str, b: str) -> dict:
+    """Two runs side by side: the config keys that differ, and each one's evaluation summary."""
+    side = {}
+    for name in (a, b):
+        folder = project / "runs" / checked_name(name)
+        config = folder / "config.yaml"
+        summary = folder / "results" / "eval" / "summary.md"
+        side[name] = {"config": yaml.safe_load(config.read_text()) if config.is_file() else {},
+                      "summary": summary.read_text() if summary.is_file() else "(not evaluated: target evaluate)",
+                      "report": json.loads(r.read_text()) if (r := folder / "results" / "adapter" / "train_report.json")
+                      .is_file() else {}}
+    base = workflow_config()  # a key a run left unchanged has the workflow's value
+    keys = sorted((set(side[a]["config"]) | set(side[b]["config"])) - {"output_dir"})
+    diff = [(k, side[a]["config"].get(k, base.get(k)), side[b]["config"].get(k, base.get(k))) for k in keys
+            if side[a]["config"].get(k, base.get(k)) != side[b]["config"].get(k, base.get(k))]
+    return {"a": a, "b": b, "diff": diff, "side": side}
 
 
 def list_runs(project: Path) -> list[dict]:
