@@ -213,3 +213,20 @@ def test_a_list_key_is_a_comma_separated_field():
     assert forms.from_form({"export_gguf_types": "q8_0, q4_0, f16"}) == ({}, [])
     assert forms.from_form({"export_gguf_types": "f16"})[0] == {"export_gguf_types": ["f16"]}
     assert forms.from_form({"export_gguf_types": "q9"})[1][0][0] == "export_gguf_types"
+
+
+def test_dataset_preview_and_a_runs_page_with_its_evaluation(project, tiny_model):
+    from conftest import LF_DATA
+
+    c = client(project)
+    preview = c.post("/preview", data={"dataset_dir": str(LF_DATA), "dataset": "alpaca_en_demo,identity"}).text
+    assert "alpaca_en_demo: first 3 records" in preview and "instruction" in preview and "identity: first 3" in preview
+    assert "Did you mean alpaca_en_demo" in c.post("/preview", data={"dataset_dir": str(LF_DATA), "dataset": "alpaca_en_dem"}).text
+    form = tiny_form(tiny_model, max_steps=2)
+    c.post("/runs", data={**form, "name": "ev", "target": "evaluate"})
+    assert wait_for(c, "ev", {"finished", "failed"}, timeout=600) == "finished"
+    page = c.get("/runs/ev").text
+    assert '<pre class="summary">' in page and "Sample predictions: tuned" in page and "Sample predictions: base" in page
+    assert page.count("<tr><td><pre>") == 10  # 5 samples each
+    assert "No exports yet" in page
+    assert c.get("/runs/nothing").status_code == 404

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 from html import escape
 from pathlib import Path
@@ -17,6 +18,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from . import forms, runs
+
+log = logging.getLogger("tuneline.board")
 
 HERE = Path(__file__).parent
 COOKIE = "tuneline_board"
@@ -138,7 +141,32 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
         curves = {name: runs.loss_curves(project / "runs" / name)[0] for name in names}
         return Response(svg_curve(curves), media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
 
-    routes = [Route("/", index), Route("/compare", compare), Route("/compare.svg", compare_svg), Route("/plan", check_plan, methods=["POST"]), Route("/save", save, methods=["POST"]),
+    async def run_page(request: Request):
+        try:
+            info = runs.details(project, request.path_params["name"])
+        except ValueError as err:
+            return PlainTextResponse(str(err), 404)
+        if info["state"] == "none":
+            return PlainTextResponse("no such run", 404)
+        return templates.TemplateResponse(request, "run.html", {"run": info, "targets": runs.TARGETS})
+
+    async def preview(request: Request):
+        """The first records of the selected registry datasets, as prepare_data reads them."""
+        from ..records import load_records
+        from ..registry import selected_entries
+
+        form = dict(await request.form())
+        merged = {**forms.workflow_config(), **forms.from_form(form)[0]}
+        shown = {}
+        try:
+            for name, entry in selected_entries(merged["dataset_dir"], merged["dataset"]).items():
+                shown[name] = load_records(name, entry, merged["dataset_dir"], log)[:3]
+        except forms.cfg.TunelineError as err:
+            return templates.TemplateResponse(request, "problems.html", {"problems": [("dataset", str(err))],
+                                                                         "keys": KEYS})
+        return templates.TemplateResponse(request, "preview.html", {"datasets": shown})
+
+    routes = [Route("/", index), Route("/runs/{name}", run_page), Route("/preview", preview, methods=["POST"]), Route("/compare", compare), Route("/compare.svg", compare_svg), Route("/plan", check_plan, methods=["POST"]), Route("/save", save, methods=["POST"]),
               Route("/runs", run_list), Route("/runs", start, methods=["POST"]),
               Route("/runs/{name}/stop", stop, methods=["POST"]), Route("/runs/{name}/loss.svg", loss_svg),
               Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")]

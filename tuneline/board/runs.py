@@ -183,6 +183,26 @@ def compare(project: Path, a: str, b: str) -> dict:
     return {"a": a, "b": b, "diff": diff, "side": side}
 
 
+def details(project: Path, name: str, samples: int = 5) -> dict:
+    """What a run has written: its config, evaluation summary, sample predictions (base and tuned), and each
+    export's verification figures (export_report.json)."""
+    folder = project / "runs" / checked_name(name)
+    info = status(project, name)
+    config = folder / "config.yaml"
+    info["config"] = config.read_text() if config.is_file() else ""
+    summary = folder / "results" / "eval" / "summary.md"
+    info["summary"] = summary.read_text() if summary.is_file() else None
+    info["predictions"] = {}
+    for model in ("base", "tuned"):
+        path = folder / "results" / "eval" / model / "generated_predictions.jsonl"
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()[:samples]
+            info["predictions"][model] = [json.loads(line) for line in lines if line.strip()]
+    info["exports"] = {p.parent.name: json.loads(p.read_text())
+                       for p in sorted((folder / "results" / "export").glob("*/export_report.json"))}
+    return info
+
+
 def list_runs(project: Path) -> list[dict]:
     root = project / "runs"
     return [status(project, p.parent.name) for p in sorted(root.glob("*/run.json"))] if root.is_dir() else []
