@@ -230,3 +230,17 @@ def test_dataset_preview_and_a_runs_page_with_its_evaluation(project, tiny_model
     assert page.count("<tr><td><pre>") == 10  # 5 samples each
     assert "No exports yet" in page
     assert c.get("/runs/nothing").status_code == 404
+
+    # chat with the run's merged model: streamed in pieces, by a worker process that holds the model
+    import os
+
+    with c.stream("POST", "/chat", data={"run": "ev", "model": "merged", "text": "Who are you?",
+                                         "max_new_tokens": "8", "clear": "1"}) as reply:
+        assert reply.status_code == 200
+        pieces = list(reply.iter_text())
+    assert len(pieces) >= 2 and "".join(pieces).strip()
+    [worker] = runs._WORKERS.values()
+    assert worker.proc.pid != os.getpid() and worker.proc.poll() is None
+    assert "no results/export/gguf yet" in c.post("/chat", data={"run": "ev", "model": "gguf", "text": "hi"}).text
+    runs.close_chat_workers()
+    assert worker.proc.poll() is not None

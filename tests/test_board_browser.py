@@ -104,26 +104,26 @@ def test_the_board_in_a_browser(board, tiny_model, tmp_path):
         tiny = tiny_config(tiny_model, REPO / "resources", max_steps=6)
         fill(page, {**tiny, "lora_rank": 8})
         page.fill("input[name=name]", "run1")
-        page.locator("select[name=target]").select_option("results/adapter")
-        page.click("button[type=submit]")
-        assert planned(page) == {"base_model", "prepare_data", "tokenize", "train"}
+        page.locator("select[name=target]").select_option("results/merged_model")
+        page.click("#config button[type=submit]")
+        assert planned(page) == {"base_model", "prepare_data", "tokenize", "train", "merge"}
         assert page.locator("#error-lora_rank").inner_text() == ""
         shot(page, shots, "plan", at="#plan")
-        page.click("button:has-text('Start')")
+        page.click("#config button:has-text('Start')")
         assert state_of(page, "run1", {"finished", "failed"}) == "finished"
         page.wait_for_function("() => [...document.querySelectorAll('img')].some("
                                "i => i.src.includes('/runs/run1/loss.svg') && i.naturalWidth > 0)")
-        assert re.search(r"4/4 jobs, step 6 loss \d", page.locator("#run-run1").inner_text())
+        assert re.search(r"5/5 jobs, step 6 loss \d", page.locator("#run-run1").inner_text())
 
         # editing a key changes the plan: cutoff_len reruns tokenize and train, nothing else
         page.evaluate("document.querySelector('#plan').innerHTML = ''")
         fill(page, {"cutoff_len": 64})
-        assert planned(page) == {"tokenize", "train"}
+        assert planned(page) == {"tokenize", "train", "merge"}
 
         # a long run, stopped mid-training: no complete-looking adapter, no lock
         fill(page, {"cutoff_len": 128, "max_steps": 100000})
         page.fill("input[name=name]", "long")
-        page.click("button:has-text('Start')")
+        page.click("#config button:has-text('Start')")
         assert state_of(page, "long", {"running"}) == "running"
         deadline = time.time() + 120
         while not list((project / "runs" / "long" / ".tuneline" / "checkpoints").glob("train-*/loss.jsonl")):
@@ -138,10 +138,21 @@ def test_the_board_in_a_browser(board, tiny_model, tmp_path):
         assert not (project / "runs" / "long" / "results" / "adapter").exists()
         assert not list((project / "runs" / "long" / ".snakemake" / "locks").glob("*"))
 
+        # chat with run1's merged model: the reply streams in (the model lives in a worker process)
+        page.reload()
+        page.locator("#chatform select[name=run]").select_option("run1")
+        page.fill("#chatform input[name=max_new_tokens]", "12")
+        page.fill("#chatform textarea[name=text]", "Who are you?")
+        page.click("#chatform button[type=submit]")
+        page.wait_for_selector("#conversation .reply.done", timeout=120000)
+        assert page.locator("#conversation .reply").inner_text().strip()
+        shot(page, shots, "chat", at="#chat")
+
         # compare the two runs
         page.goto(f"http://127.0.0.1:{port}/compare?a=run1&b=long")
         assert "max_steps" in page.locator("table.diff").inner_text()
         shot(page, shots, "compare")
         browser.close()
     print(f"first paint {first_paint:.2f} s")
-    assert {p.name for p in shots.iterdir()} == {"train.png", "plan.png", "runs.png", "compare.png"}
+    assert {p.name for p in shots.iterdir()} == {"train.png", "plan.png", "runs.png", "chat.png",
+                                                     "compare.png"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import secrets
@@ -12,7 +13,8 @@ from urllib.parse import urlsplit
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -166,11 +168,38 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
                                                                          "keys": KEYS})
         return templates.TemplateResponse(request, "preview.html", {"datasets": shown})
 
-    routes = [Route("/", index), Route("/runs/{name}", run_page), Route("/preview", preview, methods=["POST"]), Route("/compare", compare), Route("/compare.svg", compare_svg), Route("/plan", check_plan, methods=["POST"]), Route("/save", save, methods=["POST"]),
+    async def chat(request: Request):
+        """The reply streamed as it is generated (text/plain chunks), by the run's chat worker process."""
+        form = dict(await request.form())
+        try:
+            worker = await run_in_threadpool(runs.chat_worker, project, form.get("run", ""), form.get("model", "merged"))
+        except ValueError as err:
+            return PlainTextResponse(str(err), 400)
+        request_line = {"text": form.get("text", ""), "system": form.get("system", ""),
+                        "max_new_tokens": int(form.get("max_new_tokens") or 128), "clear": form.get("clear") == "1"}
+        replies = worker.ask(request_line)
+
+        async def pieces():
+            while True:
+                message = await run_in_threadpool(next, replies, None)
+                if message is None or "done" in message:
+                    return
+                yield message.get("piece") or f"[error: {message.get('error')}]"
+
+        return StreamingResponse(pieces(), media_type="text/plain; charset=utf-8",
+                                 headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+
+    routes = [Route("/", index), Route("/chat", chat, methods=["POST"]), Route("/runs/{name}", run_page), Route("/preview", preview, methods=["POST"]), Route("/compare", compare), Route("/compare.svg", compare_svg), Route("/plan", check_plan, methods=["POST"]), Route("/save", save, methods=["POST"]),
               Route("/runs", run_list), Route("/runs", start, methods=["POST"]),
               Route("/runs/{name}/stop", stop, methods=["POST"]), Route("/runs/{name}/loss.svg", loss_svg),
               Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")]
-    app = Starlette(routes=routes, middleware=[Middleware(Guard, token=token, hosts=hosts or {"testserver"})])
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        runs.close_chat_workers()  # the models live in worker processes: end them with the board
+
+    app = Starlette(routes=routes, middleware=[Middleware(Guard, token=token, hosts=hosts or {"testserver"})],
+                    lifespan=lifespan)
     app.state.token = token
     return app
 

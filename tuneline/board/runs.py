@@ -206,3 +206,65 @@ def details(project: Path, name: str, samples: int = 5) -> dict:
 def list_runs(project: Path) -> list[dict]:
     root = project / "runs"
     return [status(project, p.parent.name) for p in sorted(root.glob("*/run.json"))] if root.is_dir() else []
+
+
+CHAT_MODELS = {"merged": "results/merged_model", "gguf": "results/export/gguf", "bnb-4bit": "results/export/bnb-4bit",
+               "bnb-8bit": "results/export/bnb-8bit"}
+
+
+class ChatWorker:
+    """One worker process per (run, model): the model is loaded once and kept there between messages."""
+
+    def __init__(self, model_path: Path):
+        self.proc = subprocess.Popen([sys.executable, "-m", "tuneline.board.chat_worker", str(model_path)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, bufsize=1, start_new_session=True)
+        first = json.loads(self.proc.stdout.readline() or '{"error": "the chat worker exited"}')
+        if "error" in first:
+            self.proc.wait()
+            raise ValueError(first["error"])
+
+    def ask(self, request: dict):
+        """Yield the reply's JSON lines as the worker writes them."""
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            yield message
+            if "done" in message or "error" in message:
+                return
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+_WORKERS: dict[tuple[str, str], ChatWorker] = {}
+
+
+def chat_model(project: Path, name: str, model: str) -> Path:
+    if model not in CHAT_MODELS:
+        raise ValueError(f"model {model!r}: one of {', '.join(CHAT_MODELS)}")
+    path = project / "runs" / checked_name(name) / CHAT_MODELS[model]
+    if model == "gguf":  # the first GGUF file of the export
+        found = sorted(path.glob("*.gguf"))
+        path = found[0] if found else path
+    if not path.exists():
+        raise ValueError(f"run {name} has no {CHAT_MODELS[model]} yet: start it with target "
+                         f"{'results/merged_model' if model == 'merged' else 'export'}")
+    return path
+
+
+def chat_worker(project: Path, name: str, model: str) -> ChatWorker:
+    key = (name, model)
+    worker = _WORKERS.get(key)
+    if worker is None or worker.proc.poll() is not None:
+        worker = _WORKERS[key] = ChatWorker(chat_model(project, name, model))
+    return worker
+
+
+def close_chat_workers() -> None:
+    for worker in _WORKERS.values():
+        worker.close()
+    _WORKERS.clear()
