@@ -129,15 +129,36 @@ def test_plan_start_progress_loss_chart_and_the_plan_after_editing_a_key(project
     edited = c.post("/plan", data={**form, "cutoff_len": "64", "name": "r1", "target": "results/adapter"}).text
     assert set(re.findall(r'<tr class="job"><td>(\w+)</td>', edited)) == {"tokenize", "train"}
 
-    # a second run side by side, then the two compared: config diff, curves overlaid, reports side by side
-    c.post("/runs", data={**form, "lora_rank": "4", "name": "r2", "target": "results/adapter"})
-    assert wait_for(c, "r2", {"finished", "failed"}) == "finished"
+    # a second run side by side, evaluated, then the two compared: config diff, curves overlaid, summaries
+    c.post("/runs", data={**form, "lora_rank": "4", "name": "r2", "target": "evaluate"})
+    assert wait_for(c, "r2", {"finished", "failed"}, timeout=600) == "finished"
     page = c.get("/compare?a=r1&b=r2").text
     assert re.search(r'<tr class="differs"><td>lora_rank</td><td>8</td><td>4</td>', page)
-    assert page.count('<pre class="summary">') == 2 and "4 steps" in page
+    assert page.count('<pre class="summary">') == 2 and "4 steps" in page and "(not evaluated" in page
     overlay = c.get("/compare.svg?a=r1&b=r2").text
     assert overlay.count("<polyline") == 2 and 'data-series="r1"' in overlay and 'data-series="r2"' in overlay
     assert c.get("/compare?a=r1&b=../../etc").status_code == 400
+
+    # the run's page: evaluation summary, sample predictions of base and tuned, exports
+    page = c.get("/runs/r2").text
+    assert '<pre class="summary">' in page and "Sample predictions: tuned" in page and "Sample predictions: base" in page
+    assert page.count("<tr><td><pre>") == 10  # 5 samples each
+    assert "No exports yet" in page
+    assert c.get("/runs/nothing").status_code == 404
+
+    # chat with the run's merged model: streamed in pieces, by a worker process that holds the model
+    import os
+
+    with c.stream("POST", "/chat", data={"run": "r2", "model": "merged", "text": "Who are you?",
+                                         "max_new_tokens": "8", "clear": "1"}) as reply:
+        assert reply.status_code == 200
+        pieces = list(reply.iter_text())
+    assert len(pieces) >= 2 and "".join(pieces).strip()
+    [worker] = runs._WORKERS.values()
+    assert worker.proc.pid != os.getpid() and worker.proc.poll() is None
+    assert "no results/export/gguf yet" in c.post("/chat", data={"run": "r2", "model": "gguf", "text": "hi"}).text
+    runs.close_chat_workers()
+    assert worker.proc.poll() is not None
 
 
 def test_stop_leaves_no_complete_looking_output_and_no_lock(project, tiny_model):
@@ -215,32 +236,11 @@ def test_a_list_key_is_a_comma_separated_field():
     assert forms.from_form({"export_gguf_types": "q9"})[1][0][0] == "export_gguf_types"
 
 
-def test_dataset_preview_and_a_runs_page_with_its_evaluation(project, tiny_model):
+def test_dataset_preview_shows_the_first_records_of_each_selected_dataset(project):
     from conftest import LF_DATA
 
     c = client(project)
     preview = c.post("/preview", data={"dataset_dir": str(LF_DATA), "dataset": "alpaca_en_demo,identity"}).text
     assert "alpaca_en_demo: first 3 records" in preview and "instruction" in preview and "identity: first 3" in preview
-    assert "Did you mean alpaca_en_demo" in c.post("/preview", data={"dataset_dir": str(LF_DATA), "dataset": "alpaca_en_dem"}).text
-    form = tiny_form(tiny_model, max_steps=2)
-    c.post("/runs", data={**form, "name": "ev", "target": "evaluate"})
-    assert wait_for(c, "ev", {"finished", "failed"}, timeout=600) == "finished"
-    page = c.get("/runs/ev").text
-    assert '<pre class="summary">' in page and "Sample predictions: tuned" in page and "Sample predictions: base" in page
-    assert page.count("<tr><td><pre>") == 10  # 5 samples each
-    assert "No exports yet" in page
-    assert c.get("/runs/nothing").status_code == 404
-
-    # chat with the run's merged model: streamed in pieces, by a worker process that holds the model
-    import os
-
-    with c.stream("POST", "/chat", data={"run": "ev", "model": "merged", "text": "Who are you?",
-                                         "max_new_tokens": "8", "clear": "1"}) as reply:
-        assert reply.status_code == 200
-        pieces = list(reply.iter_text())
-    assert len(pieces) >= 2 and "".join(pieces).strip()
-    [worker] = runs._WORKERS.values()
-    assert worker.proc.pid != os.getpid() and worker.proc.poll() is None
-    assert "no results/export/gguf yet" in c.post("/chat", data={"run": "ev", "model": "gguf", "text": "hi"}).text
-    runs.close_chat_workers()
-    assert worker.proc.poll() is not None
+    assert "Did you mean alpaca_en_demo" in c.post("/preview", data={"dataset_dir": str(LF_DATA),
+                                                                      "dataset": "alpaca_en_dem"}).text
