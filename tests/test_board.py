@@ -144,6 +144,8 @@ def test_plan_start_progress_loss_chart_and_the_plan_after_editing_a_key(project
     assert '<pre class="summary">' in page and "Sample predictions: tuned" in page and "Sample predictions: base" in page
     assert page.count("<tr><td><pre>") == 10  # 5 samples each
     assert "No exports yet" in page
+    assert re.search(r"<td>results/adapter</td><td>train</td>", page)  # each artifact's provenance
+    assert re.search(r"<td>results/eval/summary.md</td><td>eval_summary</td>", page)
     assert c.get("/runs/nothing").status_code == 404
 
     # chat with the run's merged model: streamed in pieces, by a worker process that holds the model

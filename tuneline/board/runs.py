@@ -23,6 +23,7 @@ import yaml
 
 from ..config import SCHEMA_PATH
 from ..history import LIVE, read_live
+from ..provenance import FILENAME, SIDECAR_GLOB
 from .forms import workflow_config
 
 REPO = SCHEMA_PATH.parent.parent
@@ -200,6 +201,13 @@ def details(project: Path, name: str, samples: int = 5) -> dict:
             info["predictions"][model] = [json.loads(line) for line in lines if line.strip()]
     info["exports"] = {p.parent.name: json.loads(p.read_text())
                        for p in sorted((folder / "results" / "export").glob("*/export_report.json"))}
+    info["provenance"] = []  # each artifact's record: rule, when, its config slice, inputs with their sha256
+    for record in sorted((folder / "results").rglob(FILENAME)) + sorted((folder / "results").rglob(SIDECAR_GLOB)):
+        data = json.loads(record.read_text())
+        info["provenance"].append({"artifact": data.get("artifact"), "rule": data.get("rule"),
+                                   "created": data.get("created"), "config": data.get("config", {}),
+                                   "inputs": {k: [i.get("sha256", "")[:12] for i in v]
+                                              for k, v in data.get("inputs", {}).items()}})
     return info
 
 
