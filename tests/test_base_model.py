@@ -12,7 +12,9 @@ LOG = logging.getLogger("test")
 
 
 def params(name):
-    return {"model_name_or_path": name, "model_revision": "main", "trust_remote_code": False}
+    from tuneline.config import rule_params
+
+    return rule_params({"model_name_or_path": name}, "base_model")  # the slice the rule gets
 
 
 def test_local_folder_is_copied_as_safetensors_with_its_hash(tmp_path, tiny_model):
