@@ -27,6 +27,11 @@ def keys(schema: dict | None = None) -> dict[str, dict]:
     return (schema or load_schema())["properties"]
 
 
+def types_of(spec: dict) -> list[str]:
+    """A key's JSON types as a list (the schema writes one type as a string)."""
+    return spec.get("type") if isinstance(spec.get("type"), list) else [spec.get("type")]
+
+
 def defaults(schema: dict | None = None) -> dict:
     return {k: spec.get("default") for k, spec in keys(schema).items()}
 
@@ -132,7 +137,7 @@ def coerce_cli_values(config: dict, schema: dict | None = None) -> None:
     json_types = {bool: "boolean", int: "integer", float: "number", type(None): "null"}
     for key, spec in keys(schema).items():
         value = config.get(key)
-        types = spec.get("type") if isinstance(spec.get("type"), list) else [spec.get("type")]
+        types = types_of(spec)
         if not isinstance(value, str) or "string" in types:
             continue
         try:
@@ -281,8 +286,7 @@ def markdown_table(schema: dict | None = None) -> str:
     """The key table for docs/config.md and the README."""
 
     def fmt_type(spec):
-        t = spec.get("type")
-        types = t if isinstance(t, list) else [t]
+        types = types_of(spec)
         return " or ".join(x for x in types if x != "null") + (", nullable" if "null" in types else "")
 
     def fmt_default(v):

@@ -72,6 +72,13 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
             "groups": forms.GROUPS, "fields": forms.fields(loaded), "targets": runs.TARGETS, "problem": problem,
             "runs": runs.list_runs(project), "configs": sorted(p.stem for p in (project / "configs").glob("*.yaml"))})
 
+    def problems_page(request: Request, problems: list):
+        """The problems listed, each also beside its field (htmx out-of-band swaps)."""
+        return templates.TemplateResponse(request, "problems.html", {"problems": problems, "keys": KEYS})
+
+    def two_runs(request: Request) -> list[str]:
+        return [runs.checked_name(request.query_params.get(k, "")) for k in ("a", "b")]
+
     async def submitted(request: Request):
         form = dict(await request.form())
         changed, problems = forms.from_form(form)
@@ -80,22 +87,22 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
     async def check_plan(request: Request):
         form, changed, problems = await submitted(request)
         if problems:
-            return templates.TemplateResponse(request, "problems.html", {"problems": problems, "keys": KEYS})
+            return problems_page(request, problems)
         try:
             result = runs.plan(project, changed, form.get("target", "all"), form.get("name") or "plan")
         except ValueError as err:
-            return templates.TemplateResponse(request, "problems.html", {"problems": [(None, str(err))], "keys": KEYS})
+            return problems_page(request, [(None, str(err))])
         return templates.TemplateResponse(request, "plan.html", {"plan": result, "yaml": forms.to_yaml(changed),
                                                                  "keys": KEYS})
 
     async def save(request: Request):
         form, changed, problems = await submitted(request)
         if problems:
-            return templates.TemplateResponse(request, "problems.html", {"problems": problems, "keys": KEYS})
+            return problems_page(request, problems)
         try:
             name = runs.checked_name(form.get("name", ""))
         except ValueError as err:
-            return templates.TemplateResponse(request, "problems.html", {"problems": [("name", str(err))], "keys": KEYS})
+            return problems_page(request, [("name", str(err))])
         (project / "configs").mkdir(exist_ok=True)
         (project / "configs" / f"{name}.yaml").write_text(forms.to_yaml(changed))
         return HTMLResponse(f"<p class=ok>saved configs/{name}.yaml</p>")
@@ -103,11 +110,11 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
     async def start(request: Request):
         form, changed, problems = await submitted(request)
         if problems:
-            return templates.TemplateResponse(request, "problems.html", {"problems": problems, "keys": KEYS})
+            return problems_page(request, problems)
         try:
             runs.start(project, form.get("name", ""), changed, form.get("target", "all"))
         except ValueError as err:
-            return templates.TemplateResponse(request, "problems.html", {"problems": [("name", str(err))], "keys": KEYS})
+            return problems_page(request, [("name", str(err))])
         return templates.TemplateResponse(request, "runs.html", {"runs": runs.list_runs(project)})
 
     async def run_list(request: Request):
@@ -130,14 +137,14 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
 
     async def compare(request: Request):
         try:
-            names = [runs.checked_name(request.query_params.get(k, "")) for k in ("a", "b")]
+            names = two_runs(request)
         except ValueError as err:
             return PlainTextResponse(str(err), 400)
         return templates.TemplateResponse(request, "compare.html", runs.compare(project, *names))
 
     async def compare_svg(request: Request):
         try:
-            names = [runs.checked_name(request.query_params.get(k, "")) for k in ("a", "b")]
+            names = two_runs(request)
         except ValueError as err:
             return PlainTextResponse(str(err), 400)
         curves = {name: runs.loss_curves(project / "runs" / name)[0] for name in names}
@@ -164,8 +171,7 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
             for name, entry in selected_entries(merged["dataset_dir"], merged["dataset"]).items():
                 shown[name] = load_records(name, entry, merged["dataset_dir"], log)[:3]
         except forms.cfg.TunelineError as err:
-            return templates.TemplateResponse(request, "problems.html", {"problems": [("dataset", str(err))],
-                                                                         "keys": KEYS})
+            return problems_page(request, [("dataset", str(err))])
         return templates.TemplateResponse(request, "preview.html", {"datasets": shown})
 
     async def chat(request: Request):

@@ -65,7 +65,7 @@ def fields(loaded: dict | None = None) -> list[Field]:
     where = sections()
     out = []
     for key, spec in cfg.keys().items():
-        types = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
+        types = cfg.types_of(spec)
         nullable = "null" in types
         if "boolean" in types:
             kind, choices = "bool", ([None] if nullable else []) + [True, False]
@@ -92,7 +92,7 @@ def from_form(form: dict[str, str], base: dict | None = None) -> tuple[dict, lis
     for key, text in form.items():
         if key not in known:
             continue
-        types = known[key]["type"] if isinstance(known[key]["type"], list) else [known[key]["type"]]
+        types = cfg.types_of(known[key])
         if "array" in types:  # a list field is comma-separated
             given[key] = [item.strip() for item in text.split(",") if item.strip()]
         else:

@@ -58,13 +58,18 @@ def shown(argv: list[str]) -> str:
     return " ".join(["snakemake", *argv[3:]])
 
 
-def plan(project: Path, changed: dict, target: str, name: str = "plan") -> dict:
-    """Snakemake's dry run of the changed keys in runs/<name>/: {jobs: [{rule, reason}], command, ok, output}."""
+def write_config(project: Path, name: str, changed: dict, filename: str) -> str:
+    """runs/<name>/<filename>: the changed keys plus `output_dir: runs/<name>`. -> its path in the project."""
     folder = project / "runs" / checked_name(name)
     folder.mkdir(parents=True, exist_ok=True)
-    configfile = folder / "plan.yaml"  # config.yaml stays the one the run ran with
-    configfile.write_text(yaml.safe_dump({**changed, "output_dir": f"runs/{name}"}, sort_keys=True))
-    argv = command(str(configfile.relative_to(project)), target, dry_run=True)
+    (folder / filename).write_text(yaml.safe_dump({**changed, "output_dir": f"runs/{name}"}, sort_keys=True))
+    return f"runs/{name}/{filename}"
+
+
+def plan(project: Path, changed: dict, target: str, name: str = "plan") -> dict:
+    """Snakemake's dry run of the changed keys in runs/<name>/: {jobs: [{rule, reason}], command, ok, output}."""
+    # plan.yaml: config.yaml stays the one the run ran with
+    argv = command(write_config(project, name, changed, "plan.yaml"), target, dry_run=True)
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
@@ -80,12 +85,9 @@ def plan(project: Path, changed: dict, target: str, name: str = "plan") -> dict:
 
 def start(project: Path, name: str, changed: dict, target: str) -> dict:
     folder = project / "runs" / checked_name(name)
-    if (folder / "run.json").is_file() and status(project, name)["state"] == "running":
+    if status(project, name)["state"] == "running":
         raise ValueError(f"run {name} is running already")
-    folder.mkdir(parents=True, exist_ok=True)
-    configfile = folder / "config.yaml"
-    configfile.write_text(yaml.safe_dump({**changed, "output_dir": f"runs/{name}"}, sort_keys=True))
-    argv = command(str(configfile.relative_to(project)), target)
+    argv = command(write_config(project, name, changed, "config.yaml"), target)
     with open(folder / "board.log", "wb") as log:
         proc = subprocess.Popen(argv, cwd=project, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -116,15 +118,13 @@ def status(project: Path, name: str) -> dict:
     if not (folder / "run.json").is_file():
         return {"name": name, "state": "none"}
     info = json.loads((folder / "run.json").read_text())
-    proc = _CHILDREN.get(info["pid"])
+    log = folder / "board.log"
+    info["log_tail"] = log.read_text(errors="replace")[-6000:] if log.is_file() else ""
     if _alive(info["pid"]):
         info["state"] = "running"
     else:
-        code = proc.returncode if proc is not None else None  # None: started by an earlier board process
-        info["returncode"] = code
-    log = folder / "board.log"
-    info["log_tail"] = log.read_text(errors="replace")[-6000:] if log.is_file() else ""
-    if info.get("state") != "running":
+        proc = _CHILDREN.get(info["pid"])
+        code = info["returncode"] = proc.returncode if proc is not None else None  # None: an earlier board's run
         complete = code == 0 or (code is None and "(100%) done" in info["log_tail"])
         info["state"] = "stopped" if info.get("stopped") else ("finished" if complete else "failed")
     done = re.findall(r"(\d+) of (\d+) steps \((\d+)%\) done", info["log_tail"])
@@ -168,19 +168,18 @@ def stop(project: Path, name: str, grace_s: float = STOP_GRACE_S) -> dict:
 
 def compare(project: Path, a: str, b: str) -> dict:
     """Two runs side by side: the config keys that differ, and each one's evaluation summary."""
-    side = {}
+    base = workflow_config()  # a key a run left unchanged has the workflow's value
+    side, merged = {}, {}
     for name in (a, b):
         folder = project / "runs" / checked_name(name)
-        config = folder / "config.yaml"
-        summary = folder / "results" / "eval" / "summary.md"
+        config, summary = folder / "config.yaml", folder / "results" / "eval" / "summary.md"
+        report = folder / "results" / "adapter" / "train_report.json"
         side[name] = {"config": yaml.safe_load(config.read_text()) if config.is_file() else {},
                       "summary": summary.read_text() if summary.is_file() else "(not evaluated: target evaluate)",
-                      "report": json.loads(r.read_text()) if (r := folder / "results" / "adapter" / "train_report.json")
-                      .is_file() else {}}
-    base = workflow_config()  # a key a run left unchanged has the workflow's value
+                      "report": json.loads(report.read_text()) if report.is_file() else {}}
+        merged[name] = {**base, **side[name]["config"]}
     keys = sorted((set(side[a]["config"]) | set(side[b]["config"])) - {"output_dir"})
-    diff = [(k, side[a]["config"].get(k, base.get(k)), side[b]["config"].get(k, base.get(k))) for k in keys
-            if side[a]["config"].get(k, base.get(k)) != side[b]["config"].get(k, base.get(k))]
+    diff = [(k, merged[a].get(k), merged[b].get(k)) for k in keys if merged[a].get(k) != merged[b].get(k)]
     return {"a": a, "b": b, "diff": diff, "side": side}
 
 
