@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .errors import TunelineError
+from .tool_formats import LLAMA3_DATE, format_calls, format_tools
 
 ROLES_PROMPT = ("user", "observation")
 
@@ -31,6 +32,10 @@ class SlotTemplate:
     system_in_user: bool = False
     # LLaMA-Factory's ReasoningTemplate (enable_thinking): a response without a thought gets an empty one
     thought_words: tuple[str, str] | None = None
+    # LLaMA-Factory's format_tools / format_function: how tools and function-call turns are written
+    # (tuneline/tool_formats.py); `function` is the slot around a call, None: the assistant slot
+    tool_format: str = "default"
+    function: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -50,7 +55,7 @@ SLOT_TEMPLATES = {t.name: t for t in [
                                 "appropriately completes the request.\n\n"),
     SlotTemplate("chatml", **_IM, observation="<|im_start|>tool\n{{content}}<|im_end|>\n<|im_start|>assistant\n",
                  stop_words=("<|im_end|>", "<|im_start|>")),
-    SlotTemplate("qwen", **_IM, observation=_QWEN_TOOL,
+    SlotTemplate("qwen", **_IM, observation=_QWEN_TOOL, tool_format="qwen",
                  default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
                  stop_words=("<|im_end|>",)),
     SlotTemplate("smollm2", **_IM, default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face.",
@@ -62,15 +67,16 @@ SLOT_TEMPLATES = {t.name: t for t in [
                  assistant="{{content}}<|eot_id|>",
                  observation="<|start_header_id|>ipython<|end_header_id|>\n\n{{content}}<|eot_id|>"
                              "<|start_header_id|>assistant<|end_header_id|>\n\n",
-                 stop_words=("<|eot_id|>", "<|eom_id|>")),
-    SlotTemplate("qwen3", **_IM, observation=_QWEN_TOOL, stop_words=("<|im_end|>",), thought_words=("<think>", "</think>")),
-    SlotTemplate("qwen3_nothink", **_IM, observation=_QWEN_TOOL, stop_words=("<|im_end|>",)),
+                 stop_words=("<|eot_id|>", "<|eom_id|>"), tool_format="llama3"),
+    SlotTemplate("qwen3", **_IM, observation=_QWEN_TOOL, stop_words=("<|im_end|>",), thought_words=("<think>", "</think>"),
+                 tool_format="qwen"),
+    SlotTemplate("qwen3_nothink", **_IM, observation=_QWEN_TOOL, stop_words=("<|im_end|>",), tool_format="qwen"),
     SlotTemplate("yi", **_IM, stop_words=("<|im_end|>",)),
     SlotTemplate("llama2", user="<bos>[INST] {{content}} [/INST]", system="<<SYS>>\n{{content}}\n<</SYS>>\n\n",
                  system_in_user=True),
     SlotTemplate("mistral", prefix="<bos>", user="[INST] {{content}}[/INST]", assistant=" {{content}}<eos>",
                  system="{{content}}\n\n", observation='[TOOL_RESULTS] {"content": {{content}}}[/TOOL_RESULTS]',
-                 system_in_user=True),
+                 system_in_user=True, tool_format="mistral", function="[TOOL_CALLS] {{content}}<eos>"),
     *[SlotTemplate(name, prefix="<bos>", user="<start_of_turn>user\n{{content}}<end_of_turn>\n<start_of_turn>model\n",
                    assistant="{{content}}<end_of_turn>\n", system="{{content}}\n\n",
                    observation="<start_of_turn>tool\n{{content}}<end_of_turn>\n<start_of_turn>model\n",
@@ -81,16 +87,13 @@ SLOT_TEMPLATES = {t.name: t for t in [
     SlotTemplate("deepseek3", prefix="<bos>", user="<\uff5cUser\uff5c>{{content}}<\uff5cAssistant\uff5c>"),
     SlotTemplate("glm4", prefix="[gMASK]<sop>", user="<|user|>\n{{content}}<|assistant|>", assistant="\n{{content}}",
                  system="<|system|>\n{{content}}", observation="<|observation|>\n{{content}}<|assistant|>",
-                 stop_words=("<|user|>", "<|observation|>"), efficient_eos=True),
+                 stop_words=("<|user|>", "<|observation|>"), efficient_eos=True, tool_format="glm4", function="{{content}}"),
     SlotTemplate("vicuna", user="USER: {{content}} ASSISTANT:",
                  default_system="A chat between a curious user and an artificial intelligence assistant. The "
                                 "assistant gives helpful, detailed, and polite answers to the user's questions."),
     SlotTemplate("empty", assistant="{{content}}"),
     SlotTemplate("fewshot", assistant="{{content}}\n\n", efficient_eos=True),
 ]}
-
-TOOL_PREAMBLE = "You have access to the following tools:\n"
-
 
 def available() -> list[str]:
     return sorted(SLOT_TEMPLATES)
@@ -190,9 +193,8 @@ class SlotRenderer(Template):
         return slot.replace("{{content}}", content).replace("<bos>", bos).replace("<eos>", eos)
 
     def render_turns(self, messages, system="", tools=""):
-        system_text = system or self.default_system
-        if tools:
-            system_text = (system_text + "\n\n" if system_text else "") + TOOL_PREAMBLE + tools
+        # as LLaMA-Factory: the tool text follows the system text directly (its formats begin with their own breaks)
+        system_text = (system or self.default_system) + (format_tools(self.slots.tool_format, tools) if tools else "")
         turns = []
         for i in range(0, len(messages), 2):
             prompt, response = messages[i], messages[i + 1]
@@ -205,11 +207,14 @@ class SlotRenderer(Template):
                     source += self._fill(self.slots.system, system_text)
             slot = self.slots.observation if prompt["role"] == "observation" and self.slots.observation else self.slots.user
             source += self._fill(slot, content)
-            answer = response["content"]
+            answer, reply_slot = response["content"], self.slots.assistant
+            if response["role"] == "function":
+                answer = format_calls(self.slots.tool_format, answer)
+                reply_slot = self.slots.function or reply_slot
             thought = self.slots.thought_words
             if thought and answer and thought[0] not in answer and thought[1] not in answer:
                 answer = f"{thought[0]}\n\n{thought[1]}\n\n" + answer  # LLaMA-Factory's empty thought
-            turns.append((source, self._fill(self.slots.assistant, answer)))
+            turns.append((source, self._fill(reply_slot, answer)))
         return turns
 
     def describe(self):
@@ -271,12 +276,13 @@ class ChatTemplateRenderer(Template):
     def render_turns(self, messages, system="", tools=""):
         role_map = {"user": "user", "observation": "user", "assistant": "assistant", "function": "assistant"}
         head = []
-        system_text = system or self.default_system
-        if tools:
-            system_text = (system_text + "\n\n" if system_text else "") + TOOL_PREAMBLE + tools
+        # LLaMA-Factory's parse_template: the `default` tool format, calls written as assistant text
+        system_text = (system or self.default_system) + (format_tools("default", tools) if tools else "")
         if system_text:
             head = [{"role": "system", "content": system_text}]
-        chat = head + [{"role": role_map[m["role"]], "content": m["content"]} for m in messages]
+        chat = head + [{"role": role_map[m["role"]],
+                        "content": format_calls("default", m["content"]) if m["role"] == "function" else m["content"]}
+                       for m in messages]
         turns, done = [], ""
         for i in range(len(head), len(chat), 2):
             with_prompt = self._render(chat[: i + 1], True)
@@ -313,6 +319,9 @@ def get_template(name: str | None, tokenizer, default_system: str | None = None,
                     "a template made for this model (or `template` unset: the tokenizer's own chat_template) "
                     "avoids that", name, ", ".join(missing), "is not a token" if len(missing) == 1 else "are not tokens",
                     "it" if len(missing) == 1 else "them")
+    if SLOT_TEMPLATES[name].tool_format == "llama3" and log:
+        log.info("template llama3: a tool prompt says 'Today Date: %s' on every run (LLaMA-Factory writes the day it "
+                 "runs, which would change the tokens from one day to the next)", LLAMA3_DATE)
     return SlotRenderer(tokenizer, SLOT_TEMPLATES[name], default_system)
 
 
@@ -321,7 +330,7 @@ def foreign_special_tokens(slots: SlotTemplate, tokenizer) -> list[str]:
     does not have as single tokens (`<bos>`/`<eos>` stand for the tokenizer's own)."""
     import re
 
-    text = " ".join([slots.user, slots.assistant, slots.system, slots.observation or "", slots.prefix])
+    text = " ".join([slots.user, slots.assistant, slots.system, slots.observation or "", slots.function or "", slots.prefix])
     marks = dict.fromkeys(re.findall(r"<\|[^|<>\s]+\|>|<[a-z_]+_of_turn>|\[/?INST\]", text))
     vocab = tokenizer.get_vocab()
     return [m for m in marks if m not in vocab]
