@@ -120,6 +120,19 @@ def test_plan_start_progress_loss_chart_and_the_plan_after_editing_a_key(project
     assert (project / "runs" / "r1" / "results" / "adapter" / "adapter_model.safetensors").is_file()
     page = c.get("/runs").text
     assert re.search(r"4/4 jobs, step 4 loss \d", page)
+    # per-rule progress comes from Snakemake's own events (the board's logger plugin), not from its text output
+    info = runs.status(project, "r1")
+    assert {j["rule"]: j["state"] for j in info["rules"]} == dict.fromkeys(planned, "done")
+    assert info["progress"] == {"done": 4, "total": 4} and "train ✓" in page
+    with c.stream("GET", "/events") as stream:  # the same list, pushed as server-sent events
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = []
+        for line in stream.iter_lines():
+            if line == "" and lines:
+                break
+            lines.append(line)
+    assert lines[0] == "event: runs" and all(line.startswith("data: ") for line in lines[1:])
+    assert any('id="run-r1"' in line for line in lines) and any("4/4 jobs" in line for line in lines)
     svg = c.get("/runs/r1/loss.svg")
     assert svg.headers["content-type"].startswith("image/svg+xml") and "<polyline" in svg.text
     again = c.post("/plan", data={**form, "name": "r1", "target": "results/adapter"}).text
@@ -159,6 +172,10 @@ def test_plan_start_progress_loss_chart_and_the_plan_after_editing_a_key(project
     [worker] = runs._WORKERS.values()
     assert worker.proc.pid != os.getpid() and worker.proc.poll() is None
     assert "no results/export/gguf yet" in c.post("/chat", data={"run": "r2", "model": "gguf", "text": "hi"}).text
+    # the adapter, unmerged on the run's base model, answers what the merged model answers (greedy)
+    adapter = c.post("/chat", data={"run": "r2", "model": "adapter", "text": "Who are you?", "max_new_tokens": "8",
+                                    "clear": "1"}).text
+    assert adapter == "".join(pieces) and len(runs._WORKERS) == 2
     runs.close_chat_workers()
     assert worker.proc.poll() is not None
 
@@ -246,3 +263,20 @@ def test_dataset_preview_shows_the_first_records_of_each_selected_dataset(projec
     assert "alpaca_en_demo: first 3 records" in preview and "instruction" in preview and "identity: first 3" in preview
     assert "Did you mean alpaca_en_demo" in c.post("/preview", data={"dataset_dir": str(LF_DATA),
                                                                       "dataset": "alpaca_en_dem"}).text
+
+
+def test_evaluate_and_export_tabs_launch_more_targets_of_a_run(project, tiny_model):
+    c = client(project)
+    assert "no run nope" in c.post("/runs/nope/launch", data={"targets": "evaluate"}).text
+    c.post("/runs", data={**tiny_form(tiny_model, max_steps=2), "name": "t1", "target": "results/merged_model"})
+    assert wait_for(c, "t1", {"finished", "failed"}) == "finished"
+    assert "<option selected>t1</option>" in c.get("/run-options?run=t1").text  # selects list runs started later
+    assert "target &#x27;results/../x&#x27;: one of all" in c.post("/runs/t1/launch", data={"targets": "results/../x"}).text
+    page = c.post("/runs/t1/launch", data={"targets": ["results/export/bnb-8bit", "evaluate"]}).text
+    assert "started results/export/bnb-8bit evaluate in run t1" in page
+    assert wait_for(c, "t1", {"finished", "failed"}, timeout=600) == "finished"
+    info = runs.status(project, "t1")
+    assert {"export_bnb", "predict", "eval_summary"} <= {j["rule"] for j in info["rules"]}
+    assert "train" not in {j["rule"] for j in info["rules"]}  # the run's own config: nothing upstream reruns
+    page = c.get("/runs/t1").text
+    assert '<pre class="summary">' in page and "bnb-8bit" in page and "No exports yet" not in page

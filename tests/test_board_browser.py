@@ -138,8 +138,29 @@ def test_the_board_in_a_browser(board, tiny_model, tmp_path):
         assert not (project / "runs" / "long" / "results" / "adapter").exists()
         assert not list((project / "runs" / "long" / ".snakemake" / "locks").glob("*"))
 
-        # chat with run1's merged model: the reply streams in (the model lives in a worker process)
+        # Export then Evaluate run1 from their tabs: more targets of the same run, nothing upstream reruns
         page.reload()
+        page.locator("#export select[name=run]").select_option("run1")
+        page.locator("#export input[value='results/export/gguf']").uncheck()
+        page.locator("#export input[value='results/export/bnb-8bit']").check()
+        page.click("#export button.export")
+        page.wait_for_selector("#exported .ok")
+        # pushed by the board (server-sent events) as Snakemake reports the job finished
+        page.wait_for_selector("#run-run1 .job.done:has-text('export_bnb')", timeout=300000)
+        assert state_of(page, "run1", {"finished", "failed"}) == "finished"
+        shot(page, shots, "export", at="#export")
+        page.locator("#evaluate select[name=run]").select_option("run1")
+        page.click("#evaluate button.evaluate")
+        page.wait_for_selector("#evaluated .ok")
+        page.wait_for_selector("#run-run1 .job.done:has-text('eval_summary')", timeout=300000)
+        assert state_of(page, "run1", {"finished", "failed"}) == "finished"
+        page.click("#evaluated a")  # the run's page: base vs tuned, sample predictions, export figures
+        page.wait_for_selector("pre.summary")
+        assert "bnb-8bit" in page.content()
+        shot(page, shots, "evaluate")
+
+        # chat with run1's merged model: the reply streams in (the model lives in a worker process)
+        page.goto(f"http://127.0.0.1:{port}/")
         page.locator("#chatform select[name=run]").select_option("run1")
         page.fill("#chatform input[name=max_new_tokens]", "12")
         page.fill("#chatform textarea[name=text]", "Who are you?")
@@ -154,5 +175,5 @@ def test_the_board_in_a_browser(board, tiny_model, tmp_path):
         shot(page, shots, "compare")
         browser.close()
     print(f"first paint {first_paint:.2f} s")
-    assert {p.name for p in shots.iterdir()} == {"train.png", "plan.png", "runs.png", "chat.png",
-                                                     "compare.png"}
+    assert {p.name for p in shots.iterdir()} == {"train.png", "plan.png", "runs.png", "chat.png", "compare.png",
+                                                     "export.png", "evaluate.png"}

@@ -19,11 +19,25 @@ from .templates import load_template
 
 
 class Chat:
-    def __init__(self, model_dir: str, generation: dict | None = None, system: str = ""):
+    def __init__(self, model_dir: str, generation: dict | None = None, system: str = "", base: str | None = None):
+        """`model_dir`: a model folder, a .gguf file, or a LoRA adapter folder applied (unmerged, with PEFT) to
+        `base` (default: the base named in its adapter_config.json, e.g. results/base_model for results/adapter)."""
         from transformers import AutoTokenizer
 
         path = Path(model_dir)
-        if path.suffix == ".gguf" and path.is_file():
+        if (path / "adapter_config.json").is_file():
+            import json
+
+            from peft import PeftModel
+
+            require_safetensors(path)
+            base = base or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base or not (Path(base) / "config.json").is_file():
+                raise TunelineError(f"{model_dir} is a LoRA adapter; its base model {base!r} is not a model folder here: "
+                                    "give it with --base (e.g. results/base_model).")
+            self.tokenizer = AutoTokenizer.from_pretrained(path if (path / "tokenizer_config.json").is_file() else base)
+            self.model = PeftModel.from_pretrained(load_for_inference(base), path).eval()
+        elif path.suffix == ".gguf" and path.is_file():
             import torch
             from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,7 @@ def _chat(args) -> int:
     generation = {"max_new_tokens": args.max_new_tokens}
     if args.sample:
         generation["do_sample"] = True
-    chat = Chat(args.model, generation, system=args.system or "")
+    chat = Chat(args.model, generation, system=args.system or "", base=args.base)
     if args.prompt:
         for prompt in args.prompt:
             print(f"You: {prompt}")
@@ -135,6 +135,8 @@ def main(argv=None) -> int:
                       help="a model folder (merged or bnb export) or a .gguf file from results/export/gguf")
     chat.add_argument("--prompt", action="append", help="answer this prompt and exit (repeat for a conversation)")
     chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--base", help="for a LoRA adapter folder (e.g. results/adapter): the model it applies to "
+                                     "(default: the base its adapter_config.json names)")
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     chat.set_defaults(fn=_chat)

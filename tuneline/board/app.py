@@ -70,6 +70,7 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
                 problem = str(err)
         return templates.TemplateResponse(request, "index.html", {
             "groups": forms.GROUPS, "fields": forms.fields(loaded), "targets": runs.TARGETS, "problem": problem,
+            "exports": runs.EXPORTS,
             "runs": runs.list_runs(project), "configs": sorted(p.stem for p in (project / "configs").glob("*.yaml"))})
 
     def problems_page(request: Request, problems: list):
@@ -119,6 +120,44 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
 
     async def run_list(request: Request):
         return templates.TemplateResponse(request, "runs.html", {"runs": runs.list_runs(project)})
+
+    async def event_stream(request: Request):
+        """Server-sent events: the run list (rendered) whenever a run's events, loss or state change; the
+        page swaps it in (htmx's SSE extension). Checked every second, sent only on change."""
+        import asyncio
+
+        async def stream():
+            last = None
+            while not await request.is_disconnected():
+                listed = await run_in_threadpool(runs.list_runs, project)
+                signature = [(r["name"], r["state"], r.get("progress"), len(r.get("rules", [])),
+                              sum(j["state"] == "done" for j in r.get("rules", [])), len(r["loss"]), len(r["eval_loss"]))
+                             for r in listed]
+                if signature != last:
+                    last = signature
+                    html = templates.get_template("runs.html").render(runs=listed)
+                    yield "event: runs\n" + "".join(f"data: {line}\n" for line in html.splitlines()) + "\n"
+                await asyncio.sleep(1)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    async def launch(request: Request):
+        """The Evaluate and Export tabs: more targets of an existing run (its own config.yaml)."""
+        form = await request.form()
+        try:
+            runs.launch(project, request.path_params["name"], form.getlist("targets"))
+        except ValueError as err:
+            return HTMLResponse(f"<p class=error>{escape(str(err))}</p>")
+        name = escape(request.path_params["name"])
+        return HTMLResponse(f'<p class=ok>started {escape(" ".join(form.getlist("targets")))} in run {name}: progress '
+                            f'under Runs; results on <a href="/runs/{name}">its page</a></p>')
+
+    async def run_options(request: Request):
+        """<option>s of the runs there are now, the ones named in the query kept selected (a select refreshed
+        when it gets focus, so runs started after the page loaded are listed)."""
+        chosen = set(request.query_params.values())
+        return HTMLResponse("".join(f'<option{" selected" if r["name"] in chosen else ""}>{escape(r["name"])}</option>'
+                                    for r in runs.list_runs(project)))
 
     async def stop(request: Request):
         try:
@@ -196,7 +235,8 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
                                  headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
 
     routes = [Route("/", index), Route("/chat", chat, methods=["POST"]), Route("/runs/{name}", run_page), Route("/preview", preview, methods=["POST"]), Route("/compare", compare), Route("/compare.svg", compare_svg), Route("/plan", check_plan, methods=["POST"]), Route("/save", save, methods=["POST"]),
-              Route("/runs", run_list), Route("/runs", start, methods=["POST"]),
+              Route("/runs", run_list), Route("/runs", start, methods=["POST"]), Route("/events", event_stream),
+              Route("/runs/{name}/launch", launch, methods=["POST"]), Route("/run-options", run_options),
               Route("/runs/{name}/stop", stop, methods=["POST"]), Route("/runs/{name}/loss.svg", loss_svg),
               Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")]
     @contextlib.asynccontextmanager

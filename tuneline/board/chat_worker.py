@@ -1,8 +1,9 @@
 """The board's chat worker: the model lives in this process, never in the board's.
 
-    python -m tuneline.board.chat_worker MODEL
+    python -m tuneline.board.chat_worker MODEL [BASE]
 
-MODEL is a merged model folder, an export folder or a .gguf file (as for `tuneline chat`). Reads one JSON
+MODEL is a merged model folder, an export folder, a .gguf file or a LoRA adapter folder on BASE (as for
+`tuneline chat`). Reads one JSON
 request per line on stdin ({"text", "system", "max_new_tokens", "clear"}) and answers with JSON lines on
 stdout: {"piece": "..."} as tokens are generated, then {"done": true, "answer": "..."} (or {"error": ...}).
 """
@@ -26,9 +27,10 @@ class Pieces:
 def main(argv=None) -> int:
     from ..chat import Chat
 
-    model = (argv or sys.argv[1:])[0]
+    args = argv or sys.argv[1:]
+    model, base = args[0], (args[1] if len(args) > 1 else None)
     try:
-        chat = Chat(model)
+        chat = Chat(model, base=base)
     except Exception as err:  # noqa: BLE001 (reported to the page, which shows it)
         print(json.dumps({"error": str(err)}), flush=True)
         return 1

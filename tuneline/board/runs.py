@@ -29,8 +29,12 @@ from .forms import workflow_config
 REPO = SCHEMA_PATH.parent.parent
 SNAKEFILE = REPO / "Snakefile"
 TARGETS = ("all", "results/adapter", "results/merged_model", "evaluate", "export")
+# the Export tab's formats: each a target of its own (GPTQ needs a CUDA GPU)
+EXPORTS = ("results/export/gguf", "results/export/bnb-4bit", "results/export/bnb-8bit", "results/export/gptq-4bit")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 STOP_GRACE_S = 30
+PLUGINS = Path(__file__).parent / "plugins"  # the snakemake_logger_plugin_tuneline package
+EVENTS = "events.jsonl"
 
 
 def checked_name(name: str) -> str:
@@ -41,17 +45,20 @@ def checked_name(name: str) -> str:
 
 
 def checked_target(target: str) -> str:
-    if target not in TARGETS:
-        raise ValueError(f"target {target!r}: one of {', '.join(TARGETS)}")
+    if target not in TARGETS + EXPORTS:
+        raise ValueError(f"target {target!r}: one of {', '.join(TARGETS + EXPORTS)}")
     return target
 
 
-def command(configfile: str, target: str, dry_run: bool = False) -> list[str]:
+def command(configfile: str, target: str | list[str], dry_run: bool = False) -> list[str]:
     """The exact snakemake argv (also shown on the page as the command preview)."""
     # --configfile takes several values: it goes first, so that nothing after it is read as a config file
     argv = [sys.executable, "-m", "snakemake", "--configfile", configfile, "--snakefile", str(SNAKEFILE),
             "--cores", "all"]
-    return argv + (["--dry-run"] if dry_run else []) + [checked_target(target)]
+    targets = [target] if isinstance(target, str) else list(target)
+    if not targets:
+        raise ValueError("no target chosen")
+    return argv + (["--dry-run"] if dry_run else []) + [checked_target(t) for t in targets]
 
 
 def shown(argv: list[str]) -> str:
@@ -84,14 +91,29 @@ def plan(project: Path, changed: dict, target: str, name: str = "plan") -> dict:
 
 
 def start(project: Path, name: str, changed: dict, target: str) -> dict:
-    folder = project / "runs" / checked_name(name)
+    """A new run (or a rerun of `name` with new keys): its config.yaml, then snakemake TARGET in the background."""
     if status(project, name)["state"] == "running":
         raise ValueError(f"run {name} is running already")
-    argv = command(write_config(project, name, changed, "config.yaml"), target)
+    write_config(project, name, changed, "config.yaml")
+    return launch(project, name, [target])
+
+
+def launch(project: Path, name: str, targets: list[str]) -> dict:
+    """Further targets of an existing run with its own config.yaml (the Evaluate and Export tabs)."""
+    folder = project / "runs" / checked_name(name)
+    if not (folder / "config.yaml").is_file():
+        raise ValueError(f"no run {name}: start it from the Train tab first")
+    if status(project, name)["state"] == "running":
+        raise ValueError(f"run {name} is running already")
+    # the board's event stream: Snakemake's scheduling events as JSON lines, from the logger plugin in PLUGINS
+    argv = command(f"runs/{name}/config.yaml", targets) + [
+        "--logger", "tuneline", "--logger-tuneline-path", f"runs/{name}/{EVENTS}"]
+    (folder / EVENTS).unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")]))}
     with open(folder / "board.log", "wb") as log:
         proc = subprocess.Popen(argv, cwd=project, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    info = {"name": name, "pid": proc.pid, "target": target, "command": shown(argv), "started": time.time()}
+                                start_new_session=True, env=env)
+    info = {"name": name, "pid": proc.pid, "target": " ".join(targets), "command": shown(argv), "started": time.time()}
     (folder / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     _CHILDREN[proc.pid] = proc
     return info
@@ -120,17 +142,36 @@ def status(project: Path, name: str) -> dict:
     info = json.loads((folder / "run.json").read_text())
     log = folder / "board.log"
     info["log_tail"] = log.read_text(errors="replace")[-6000:] if log.is_file() else ""
+    code = None
     if _alive(info["pid"]):
         info["state"] = "running"
     else:
         proc = _CHILDREN.get(info["pid"])
         code = info["returncode"] = proc.returncode if proc is not None else None  # None: an earlier board's run
-        complete = code == 0 or (code is None and "(100%) done" in info["log_tail"])
+        info["state"] = "ended"
+    info["rules"], info["progress"] = events(folder / EVENTS)
+    if info["state"] != "running":
+        progress = info["progress"]
+        complete = code == 0 or (code is None and progress is not None and progress["done"] == progress["total"])
         info["state"] = "stopped" if info.get("stopped") else ("finished" if complete else "failed")
-    done = re.findall(r"(\d+) of (\d+) steps \((\d+)%\) done", info["log_tail"])
-    info["progress"] = {"done": int(done[-1][0]), "total": int(done[-1][1])} if done else None
     info["loss"], info["eval_loss"] = loss_curves(folder)
     return info
+
+
+def events(path: Path) -> tuple[list[dict], dict | None]:
+    """Per-job states (rule, running/done/failed) and the last progress event, from the plugin's JSON lines."""
+    jobs, progress = {}, None
+    for event in read_live(path):
+        kind = event.get("event")
+        if kind == "job_info":
+            jobs[event["jobid"]] = {"rule": event["rule_name"], "state": "running", "reason": event.get("reason", "")}
+        elif kind == "job_finished" and event.get("job_id") in jobs:
+            jobs[event["job_id"]]["state"] = "done"
+        elif kind == "job_error" and event.get("jobid") in jobs:
+            jobs[event["jobid"]]["state"] = "failed"
+        elif kind == "progress":
+            progress = {"done": event["done"], "total": event["total"]}
+    return [job for job in jobs.values() if job["rule"] != "all"], progress
 
 
 def loss_curves(folder: Path) -> tuple[list, list]:
@@ -215,15 +256,16 @@ def list_runs(project: Path) -> list[dict]:
     return [status(project, p.parent.name) for p in sorted(root.glob("*/run.json"))] if root.is_dir() else []
 
 
-CHAT_MODELS = {"merged": "results/merged_model", "gguf": "results/export/gguf", "bnb-4bit": "results/export/bnb-4bit",
-               "bnb-8bit": "results/export/bnb-8bit"}
+CHAT_MODELS = {"merged": "results/merged_model", "adapter": "results/adapter", "gguf": "results/export/gguf",
+               "bnb-4bit": "results/export/bnb-4bit", "bnb-8bit": "results/export/bnb-8bit"}
 
 
 class ChatWorker:
     """One worker process per (run, model): the model is loaded once and kept there between messages."""
 
-    def __init__(self, model_path: Path):
-        self.proc = subprocess.Popen([sys.executable, "-m", "tuneline.board.chat_worker", str(model_path)],
+    def __init__(self, model_path: Path, base: Path | None = None):
+        argv = [sys.executable, "-m", "tuneline.board.chat_worker", str(model_path)] + ([str(base)] if base else [])
+        self.proc = subprocess.Popen(argv,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, bufsize=1, start_new_session=True)
         first = json.loads(self.proc.stdout.readline() or '{"error": "the chat worker exited"}')
@@ -259,7 +301,7 @@ def chat_model(project: Path, name: str, model: str) -> Path:
         path = found[0] if found else path
     if not path.exists():
         raise ValueError(f"run {name} has no {CHAT_MODELS[model]} yet: start it with target "
-                         f"{'results/merged_model' if model == 'merged' else 'export'}")
+                         f"{ {'merged': 'results/merged_model', 'adapter': 'results/adapter'}.get(model, 'export')}")
     return path
 
 
@@ -267,7 +309,9 @@ def chat_worker(project: Path, name: str, model: str) -> ChatWorker:
     key = (name, model)
     worker = _WORKERS.get(key)
     if worker is None or worker.proc.poll() is not None:
-        worker = _WORKERS[key] = ChatWorker(chat_model(project, name, model))
+        # the adapter applies to the run's own base model (results/base_model), unmerged
+        base = project / "runs" / name / "results" / "base_model" if model == "adapter" else None
+        worker = _WORKERS[key] = ChatWorker(chat_model(project, name, model), base)
     return worker
 
 
