@@ -291,7 +291,8 @@ def test_reference_free_preference_losses_reach_their_trl_trainer(tmp_path, tiny
     assert (after - before).mean() > 0.5 and (after > before).float().mean() >= 0.75
 
 
-@pytest.mark.parametrize("stage,fixture", [("kto", "tagged"), ("dpo", "pairs"), ("rm", "ranked"), ("grpo", "prompts")])
+@pytest.mark.parametrize("stage,fixture", [("kto", "tagged"), ("dpo", "pairs"), ("rm", "ranked"), ("grpo", "prompts"),
+                                           ("rloo", "prompts")])
 def test_preference_stages_are_byte_reproducible(tmp_path, request, stage, fixture):
     import subprocess
     import sys
@@ -302,7 +303,8 @@ def test_preference_stages_are_byte_reproducible(tmp_path, request, stage, fixtu
     model = request.getfixturevalue("tiny_model")
     code = ("import logging, sys; from tuneline import train; from conftest import train_params; "
             "train.main({'tokenized': sys.argv[1], 'model': sys.argv[2]}, {'adapter': sys.argv[3]}, "
-            f"train_params(quantization_bit=None, max_steps=3, stage='{stage}'), logging.getLogger('t'))")
+            f"train_params(quantization_bit=None, max_steps=3, stage='{stage}'{online_extra(stage, tmp_path)}), "
+            "logging.getLogger('t'))")
     for i, seed in enumerate(("1", "2")):  # separate interpreters, different hash seeds
         env = {"PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO / "tests"), "PATH": "/usr/bin:/bin"}
         subprocess.run([sys.executable, "-c", code, str(root / "tok"), str(model), str(tmp_path / f"run{i}")],
@@ -311,11 +313,21 @@ def test_preference_stages_are_byte_reproducible(tmp_path, request, stage, fixtu
     assert "adapter_model.safetensors" in first and first == second
 
 
-@pytest.mark.parametrize("stage,dataset", [("kto", "kto_en_demo"), ("rm", "dpo_en_demo"), ("grpo", "alpaca_en_demo")])
+def online_extra(stage, tmp_path) -> str:
+    """For stage rloo: a reward model (the hand-built one below) as train_params keyword text."""
+    if stage != "rloo":
+        return ""
+    parity_reward_model(tmp_path / "parity-rm")
+    return f", reward_model={str(tmp_path / 'parity-rm')!r}"
+
+
+@pytest.mark.parametrize("stage,dataset", [("kto", "kto_en_demo"), ("rm", "dpo_en_demo"), ("grpo", "alpaca_en_demo"),
+                                           ("rloo", "alpaca_en_demo")])
 def test_preference_stages_run_in_two_cpu_processes(tmp_path, tiny_model, stage, dataset):
+    extra = {"reward_model": str(tmp_path / "parity-rm")} if online_extra(stage, tmp_path) else {}
     work = make_workdir(tmp_path, tiny_model, stage=stage, dataset=dataset, max_samples=16, max_steps=3,
                         per_device_train_batch_size=2, nproc_per_node=2, num_generations=2,
-                        max_completion_length=8)
+                        max_completion_length=8, **extra)
     cfg = yaml.safe_load((work / "tuneline.yaml").read_text())
     (work / "tuneline.yaml").write_text(yaml.safe_dump({**cfg, "dataset_dir": str(LF_DATA)}))
     snakemake(work, "results/adapter", check=True)

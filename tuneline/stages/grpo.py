@@ -12,6 +12,8 @@ from .online import EVALUATION, MODEL, PACKING, RECORD, build, encode, online_ar
 
 __all__ = ["EVALUATION", "MODEL", "PACKING", "RECORD", "encode", "real_tokens", "training_arguments", "trainer"]
 
+adapters_to_drop = ("ref",)  # a frozen reference copy of the adapter, if TRL made one (beta > 0)
+
 
 def training_arguments(params: dict):
     from trl import GRPOConfig

@@ -14,6 +14,8 @@ from .online import EVALUATION, MODEL, PACKING, RECORD, build, encode, online_ar
 
 __all__ = ["EVALUATION", "MODEL", "PACKING", "RECORD", "encode", "real_tokens", "training_arguments", "trainer"]
 
+adapters_to_drop = ("ref",)  # RLOOTrainer's frozen reference copy of the adapter (its KL term), not the result
+
 
 def training_arguments(params: dict):
     from trl import RLOOConfig
