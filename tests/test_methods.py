@@ -172,8 +172,8 @@ def test_qlora_merge_into_the_dequantized_base_reproduces_the_trained_model(tmp_
 
 
 def folder_digest(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.name not in ("train_report.json", "loss_history.json")}  # those two hold timings
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in ("train_report.json", "loss_history.json")}  # those two hold timings
 
 
 def test_two_clean_runs_write_byte_identical_adapters(tmp_path, tiny_model, tokenized, monkeypatch):
@@ -198,6 +198,7 @@ def test_two_clean_runs_write_byte_identical_adapters(tmp_path, tiny_model, toke
 
 @pytest.mark.parametrize("stage,dataset,pref_loss", [
     ("sft", None, None), ("kto", "kto_en_demo", None), ("rm", "dpo_en_demo", None), ("grpo", "alpaca_en_demo", None),
+    ("rloo", "alpaca_en_demo", None),
     ("dpo", "dpo_en_demo", "sigmoid"), ("dpo", "dpo_en_demo", "orpo"), ("dpo", "dpo_en_demo", "simpo")])
 def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_model,
                                                                                              stage, dataset, pref_loss):
@@ -206,21 +207,32 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterru
     import subprocess
     import time
 
-    from conftest import LF_DATA, REPO, SNAKEMAKE, make_workdir, snakemake
+    import shutil
+
+    from conftest import LF_DATA, REPO, SNAKEMAKE, make_workdir, planned_jobs, snakemake
 
     overrides = dict(max_steps=40, save_steps=5, logging_steps=1, per_device_train_batch_size=8)
     if dataset:  # LLaMA-Factory's demo data for the preference stages
         overrides.update(stage=stage, dataset=dataset, max_samples=16, cutoff_len=96, max_completion_length=8)
     if pref_loss:  # dpo's losses: orpo and simpo reach TRL's CPO/ORPO trainers, whose resume is their own
         overrides.update(pref_loss=pref_loss)
+    if stage == "rloo":  # against a reward model whose score is a known function of the text
+        from test_stages import parity_reward_model
+
+        parity_reward_model(tmp_path / "parity-rm")
+        overrides.update(reward_model=str(tmp_path / "parity-rm"))
     straight = make_workdir(tmp_path / "straight", tiny_model, **overrides)
     if dataset:
-        for work in (straight, make_workdir(tmp_path / "killed", tiny_model, **overrides)):
-            cfg = yaml.safe_load((work / "tuneline.yaml").read_text())
-            (work / "tuneline.yaml").write_text(yaml.safe_dump({**cfg, "dataset_dir": str(LF_DATA)}))
+        cfg = yaml.safe_load((straight / "tuneline.yaml").read_text())
+        (straight / "tuneline.yaml").write_text(yaml.safe_dump({**cfg, "dataset_dir": str(LF_DATA)}))
+    # the steps before train once, then a copy of the folder (Snakemake's metadata and times included): the
+    # killed run starts at train with the same inputs and config
+    snakemake(straight, "results/base_model", "results/tokenized", check=True)
+    shutil.copytree(straight, tmp_path / "killed", symlinks=True)
     snakemake(straight, "results/adapter", check=True)
 
-    work = tmp_path / "killed" if dataset else make_workdir(tmp_path / "killed", tiny_model, **overrides)
+    work = tmp_path / "killed"
+    assert planned_jobs(work, "results/adapter") == {"train"}
     cmd = [SNAKEMAKE, "--configfile", str(work / "tuneline.yaml"), "--snakefile", str(REPO / "Snakefile"),
            "--directory", str(work), "--cores", "2", "results/adapter"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -246,7 +258,7 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterru
     a = load_file(straight / "results" / "adapter" / "adapter_model.safetensors")
     b = load_file(work / "results" / "adapter" / "adapter_model.safetensors")
     assert set(a) == set(b)
-    if stage != "grpo":  # online RL resumes and finishes, but its sampled completions after the resume are not
+    if stage not in ("grpo", "rloo"):  # online RL resumes and finishes, but its completions after the resume are not
         # the ones an uninterrupted run draws (measured), so its weights are not bit-identical
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert not list((work / ".tuneline" / "checkpoints").iterdir())  # removed after success

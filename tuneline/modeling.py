@@ -171,12 +171,14 @@ def packed_4bit_weights(model) -> list[str]:
 
 
 def set_threads(threads: int) -> None:
-    """Torch threads for a job: what Snakemake gave it, never more than the machine has."""
+    """Torch threads for a job: what Snakemake gave it, never more than the machine has, nor more than
+    OMP_NUM_THREADS when that is set (a machine shared with other jobs: the test suite's parallel workers)."""
     import os
 
     import torch
 
-    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    limit = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(threads, limit)))
 
 
 def pad_id(tokenizer) -> int:
