@@ -61,8 +61,10 @@ def build_tiny_llama(path: Path, seed: int = 0) -> Path:
     return path
 
 
-# `make test` runs the files on two pytest-xdist workers (--dist loadfile), handed out in collection order:
-# the longest files go first, so that none of them starts last and runs alone at the end.
+# `make test` runs the files on two pytest-xdist workers (--dist loadfile --no-loadscope-reorder: without it
+# xdist hands out the files with the most tests first), in collection order: the longest files go first, so
+# that none of them starts last and runs alone at the end (measured: the SmolLM2 e2e file and SLURM, few tests
+# each, otherwise start after 33 minutes).
 LONGEST_FIRST = ("test_e2e.py", "test_slurm.py", "test_methods.py", "test_stages.py", "test_board.py",
                  "test_board_browser.py", "test_llamafactory.py", "test_export.py", "test_faults.py")
 
