@@ -65,7 +65,7 @@ def build_tiny_llama(path: Path, seed: int = 0) -> Path:
 # xdist hands out the files with the most tests first), in collection order: the longest files go first, so
 # that none of them starts last and runs alone at the end (measured: the SmolLM2 e2e file and SLURM, few tests
 # each, otherwise start after 33 minutes).
-LONGEST_FIRST = ("test_e2e.py", "test_slurm.py", "test_methods.py", "test_stages.py", "test_board.py",
+LONGEST_FIRST = ("test_e2e.py", "test_methods.py", "test_stages.py", "test_board.py",
                  "test_board_browser.py", "test_llamafactory.py", "test_export.py", "test_faults.py")
 
 
