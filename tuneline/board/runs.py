@@ -301,7 +301,7 @@ def chat_model(project: Path, name: str, model: str) -> Path:
         path = found[0] if found else path
     if not path.exists():
         raise ValueError(f"run {name} has no {CHAT_MODELS[model]} yet: start it with target "
-                         f"{ {'merged': 'results/merged_model', 'adapter': 'results/adapter'}.get(model, 'export')}")
+                         f"{CHAT_MODELS[model] if model in ('merged', 'adapter') else 'export'}")
     return path
 
 
