@@ -80,6 +80,13 @@ def test_the_form_is_the_schema_grouped_as_llama_board_with_the_merged_defaults(
     assert fields["bf16"].choices == [True, False]
     nullable = [f for f in fields.values() if f.kind == "bool" and f.nullable]
     assert all(f.choices == [None, True, False] for f in nullable)
+    # booleans are switches: on/off, and unset too where null is allowed, with the merged value checked
+    switch = re.search(r'<fieldset class="switch" id="ddp_find_unused_parameters".*?</fieldset>', page, re.S).group(0)
+    assert re.findall(r'value="(\w*)"( checked)?>(\w+)<', switch) == [("", " checked", "unset"), ("true", "", "on"),
+                                                                    ("false", "", "off")]
+    switch = re.search(r'<fieldset class="switch" id="double_quantization".*?</fieldset>', page, re.S).group(0)
+    assert re.findall(r'value="(\w*)"( checked)?>', switch) == [("true", " checked"), ("false", "")]
+    assert fields["resume_from_checkpoint"].kind == "text"  # a folder too, not only true/false/null
     select = re.search(r'<select name="quantization_bit".*?</select>', page, re.S).group(0)
     assert re.search(r'<option value="4" selected>', select)
 
@@ -176,7 +183,7 @@ def test_plan_start_progress_loss_chart_and_the_plan_after_editing_a_key(project
     adapter = c.post("/chat", data={"run": "r2", "model": "adapter", "text": "Who are you?", "max_new_tokens": "8",
                                     "clear": "1"}).text
     assert adapter == "".join(pieces) and len(runs._WORKERS) == 2
-    runs.close_chat_workers()
+    runs.close_workers()
     assert worker.proc.poll() is not None
 
 
@@ -280,3 +287,27 @@ def test_evaluate_and_export_tabs_launch_more_targets_of_a_run(project, tiny_mod
     assert "train" not in {j["rule"] for j in info["rules"]}  # the run's own config: nothing upstream reruns
     page = c.get("/runs/t1").text
     assert '<pre class="summary">' in page and "bnb-8bit" in page and "No exports yet" not in page
+
+
+def test_the_plan_worker_plans_what_snakemake_plans_and_restarts_after_it_dies(project, tiny_model):
+    import os
+    import signal
+    import subprocess
+
+    changed = tiny_config(tiny_model, REPO / "resources")
+    plan = runs.plan(project, changed, "results/merged_model")
+    worker = runs.plan_worker()
+    # the command line's own dry run of the same config file plans the same rules for the same reasons
+    argv = runs.command("runs/plan/plan.yaml", "results/merged_model", dry_run=True)
+    output = subprocess.run(argv, cwd=project, capture_output=True, text=True, check=True).stdout
+    assert [job["rule"] for job in plan["jobs"]] == re.findall(r"^(?:local)?rule (\w+):", output, re.M)
+    assert plan["ok"] and len(plan["jobs"]) == 5 and all(job["reason"] for job in plan["jobs"])
+    # a dry run that fails (a bad registry) says why, and the next plan is not affected by it
+    bad = runs.plan(project, {**changed, "dataset_dir": str(project)}, "results/merged_model")
+    assert not bad["ok"] and "dataset_info.json not found" in bad["output"]
+    os.killpg(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait()
+    again = runs.plan(project, changed, "results/merged_model")  # (a reason's file order is a set's order)
+    assert [job["rule"] for job in again["jobs"]] == [job["rule"] for job in plan["jobs"]]
+    assert runs.plan_worker().proc.pid != worker.proc.pid
+    runs.close_workers()

@@ -44,7 +44,11 @@ def fill(page, values: dict) -> None:
     for key, value in values.items():
         text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
         box = page.locator(f"#{key}")
-        if box.evaluate("e => e.tagName") == "SELECT":
+        tag = box.evaluate("e => e.tagName")
+        if tag == "FIELDSET":  # a switch: click the label of the value (its radio input is hidden)
+            box.locator(f"label:has(input[value='{text}'])").click()
+            continue
+        if tag == "SELECT":
             box.select_option(text)
         else:
             box.fill(text)
@@ -119,6 +123,14 @@ def test_the_board_in_a_browser(board, tiny_model, tmp_path):
         page.evaluate("document.querySelector('#plan').innerHTML = ''")
         fill(page, {"cutoff_len": 64})
         assert planned(page) == {"tokenize", "train", "merge"}
+        # a switch (a boolean key): gradient_checkpointing on reruns train and merge only; unset is offered
+        # only where null is allowed
+        page.evaluate("document.querySelector('#plan').innerHTML = ''")
+        fill(page, {"cutoff_len": 128, "gradient_checkpointing": True})
+        assert planned(page) == {"train", "merge"}
+        assert page.locator("#gradient_checkpointing input").count() == 2
+        assert page.locator("#ddp_find_unused_parameters input:checked").get_attribute("value") == ""
+        fill(page, {"gradient_checkpointing": False})
 
         # a long run, stopped mid-training: no complete-looking adapter, no lock
         fill(page, {"cutoff_len": 128, "max_steps": 100000})

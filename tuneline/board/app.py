@@ -6,6 +6,7 @@ import contextlib
 import hmac
 import logging
 import secrets
+import threading
 from html import escape
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -90,7 +91,8 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
         if problems:
             return problems_page(request, problems)
         try:
-            result = runs.plan(project, changed, form.get("target", "all"), form.get("name") or "plan")
+            result = await run_in_threadpool(runs.plan, project, changed, form.get("target", "all"),
+                                             form.get("name") or "plan")
         except ValueError as err:
             return problems_page(request, [(None, str(err))])
         return templates.TemplateResponse(request, "plan.html", {"plan": result, "yaml": forms.to_yaml(changed),
@@ -241,8 +243,9 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
               Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")]
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        threading.Thread(target=runs.plan_worker, daemon=True).start()  # warm before the first plan
         yield
-        runs.close_chat_workers()  # the models live in worker processes: end them with the board
+        runs.close_workers()  # the models and the plan worker live in processes of their own: end them too
 
     app = Starlette(routes=routes, middleware=[Middleware(Guard, token=token, hosts=hosts or {"testserver"})],
                     lifespan=lifespan)

@@ -24,7 +24,7 @@ RLHF = re.compile(r"^(pref_|kto_|simpo_|reward_|num_generations|max_completion_l
 class Field:
     key: str
     group: str
-    kind: str  # "bool" (three states when nullable), "choice", "number", "list" (comma-separated), "text"
+    kind: str  # "bool" (on/off; three states, unset too, when nullable), "choice", "number", "list" (comma-separated), "text"
     choices: list
     value: object  # as the workflow merges it
     default: object  # the schema's own default
@@ -67,7 +67,7 @@ def fields(loaded: dict | None = None) -> list[Field]:
     for key, spec in cfg.keys().items():
         types = cfg.types_of(spec)
         nullable = "null" in types
-        if "boolean" in types:
+        if "boolean" in types and "string" not in types:  # on/off, and unset when null is allowed
             kind, choices = "bool", ([None] if nullable else []) + [True, False]
         elif "enum" in spec:
             kind, choices = "choice", list(spec["enum"])

@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,14 +79,14 @@ def plan(project: Path, changed: dict, target: str, name: str = "plan") -> dict:
     # plan.yaml: config.yaml stays the one the run ran with
     argv = command(write_config(project, name, changed, "plan.yaml"), target, dry_run=True)
     start = time.perf_counter()
-    proc = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=300)
-    output = proc.stdout + proc.stderr
+    reply = plan_worker().dry_run(argv[3:], project)  # what `python -m snakemake ARGV` runs, in a warm process
+    output = reply["output"]
     jobs = []
     for block in re.finditer(r"^(?:local)?rule (\w+):\n((?:[ \t]+.*\n?)*)", output, re.M):  # the indented lines
         reason = re.search(r"^\s*reason: (.+)$", block.group(2), re.M)
         if block.group(1) != "all":
             jobs.append({"rule": block.group(1), "reason": reason.group(1) if reason else ""})
-    return {"jobs": jobs, "ok": proc.returncode == 0, "output": output[-4000:], "nothing": "Nothing to be done" in output,
+    return {"jobs": jobs, "ok": reply["returncode"] == 0, "output": output[-4000:], "nothing": "Nothing to be done" in output,
             "command": shown(command(f"runs/{name}/config.yaml", target)),
             "seconds": round(time.perf_counter() - start, 2)}
 
@@ -260,36 +261,77 @@ CHAT_MODELS = {"merged": "results/merged_model", "adapter": "results/adapter", "
                "bnb-4bit": "results/export/bnb-4bit", "bnb-8bit": "results/export/bnb-8bit"}
 
 
-class ChatWorker:
-    """One worker process per (run, model): the model is loaded once and kept there between messages."""
+class Worker:
+    """A long-lived helper process (`python -m MODULE ARGS`) in a session of its own, spoken to in JSON lines:
+    its first line says it is ready (or why not); each request gets one or more reply lines."""
 
-    def __init__(self, model_path: Path, base: Path | None = None):
-        argv = [sys.executable, "-m", "tuneline.board.chat_worker", str(model_path)] + ([str(base)] if base else [])
-        self.proc = subprocess.Popen(argv,
+    def __init__(self, module: str, args: list[str]):
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, bufsize=1, start_new_session=True)
-        first = json.loads(self.proc.stdout.readline() or '{"error": "the chat worker exited"}')
+        self.lock = threading.Lock()  # one request at a time
+        first = json.loads(self.proc.stdout.readline() or f'{{"error": "{module} exited"}}')
         if "error" in first:
             self.proc.wait()
             raise ValueError(first["error"])
 
     def ask(self, request: dict):
-        """Yield the reply's JSON lines as the worker writes them."""
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        for line in self.proc.stdout:
-            message = json.loads(line)
-            yield message
-            if "done" in message or "error" in message:
-                return
+        """Yield the reply's JSON lines as the worker writes them, until one says it is the last."""
+        with self.lock:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            for line in self.proc.stdout:
+                message = json.loads(line)
+                yield message
+                if self.last(message):
+                    return
+        raise RuntimeError(f"the worker {self.proc.args[2]} exited")
+
+    @staticmethod
+    def last(message: dict) -> bool:
+        return "done" in message or "error" in message
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        if self.alive():
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
 
 
+class ChatWorker(Worker):
+    """One worker process per (run, model): the model is loaded once and kept there between messages."""
+
+    def __init__(self, model_path: Path, base: Path | None = None):
+        super().__init__("tuneline.board.chat_worker", [str(model_path)] + ([str(base)] if base else []))
+
+
+class PlanWorker(Worker):
+    """Snakemake imported once; each dry run in a fresh fork of it (see plan_worker.py)."""
+
+    def __init__(self):
+        super().__init__("tuneline.board.plan_worker", [])
+
+    @staticmethod
+    def last(message: dict) -> bool:
+        return True
+
+    def dry_run(self, argv: list[str], cwd: Path) -> dict:
+        return next(self.ask({"argv": argv, "cwd": str(cwd)}))
+
+
 _WORKERS: dict[tuple[str, str], ChatWorker] = {}
+_PLAN: list[PlanWorker] = []  # the board's one plan worker
+_PLAN_LOCK = threading.Lock()
+
+
+def plan_worker() -> PlanWorker:
+    """The board's plan worker, started on first use (the board warms it at start)."""
+    with _PLAN_LOCK:
+        if not (_PLAN and _PLAN[0].alive()):
+            _PLAN[:] = [PlanWorker()]
+        return _PLAN[0]
 
 
 def chat_model(project: Path, name: str, model: str) -> Path:
@@ -308,14 +350,15 @@ def chat_model(project: Path, name: str, model: str) -> Path:
 def chat_worker(project: Path, name: str, model: str) -> ChatWorker:
     key = (name, model)
     worker = _WORKERS.get(key)
-    if worker is None or worker.proc.poll() is not None:
+    if worker is None or not worker.alive():
         # the adapter applies to the run's own base model (results/base_model), unmerged
         base = project / "runs" / name / "results" / "base_model" if model == "adapter" else None
         worker = _WORKERS[key] = ChatWorker(chat_model(project, name, model), base)
     return worker
 
 
-def close_chat_workers() -> None:
-    for worker in _WORKERS.values():
+def close_workers() -> None:
+    for worker in [*_WORKERS.values(), *_PLAN]:
         worker.close()
     _WORKERS.clear()
+    _PLAN.clear()
