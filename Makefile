@@ -36,8 +36,7 @@ demo: install
 	$(BIN)/tuneline chat results/merged_model --prompt "$(ASK)"
 
 test: install browser
-	$(BIN)/python -m pytest -q -rs --durations=25 -n 2 --dist loadfile --no-loadscope-reorder --ignore=tests/test_slurm.py
-	$(BIN)/python -m pytest -q -rs --durations=5 tests/test_slurm.py
+	$(BIN)/python -m pytest -q -rs --durations=25 -n 2 --dist loadgroup --no-loadscope-reorder
 
 # the board's browser test drives Debian's chromium through Playwright (never `playwright install`: browser
 # downloads fail here); without root or apt that one test skips, saying so

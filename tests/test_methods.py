@@ -211,7 +211,7 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterru
 
     from conftest import LF_DATA, REPO, SNAKEMAKE, make_workdir, planned_jobs, snakemake
 
-    overrides = dict(max_steps=40, save_steps=5, logging_steps=1, per_device_train_batch_size=8)
+    overrides = dict(max_steps=20, save_steps=5, logging_steps=1, per_device_train_batch_size=8)
     if dataset:  # LLaMA-Factory's demo data for the preference stages
         overrides.update(stage=stage, dataset=dataset, max_samples=16, cutoff_len=96, max_completion_length=8)
     if pref_loss:  # dpo's losses: orpo and simpo reach TRL's CPO/ORPO trainers, whose resume is their own
@@ -249,9 +249,8 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterru
     log = (work / "logs" / "train.log").read_text()
     assert "resuming the interrupted run from" in log
     report = json.loads((work / "results" / "adapter" / "train_report.json").read_text())
-    assert report["resumed_from"] in {"checkpoint-10", "checkpoint-15", "checkpoint-20", "checkpoint-25",
-                                      "checkpoint-30", "checkpoint-35"}
-    assert report["global_steps"] == 40
+    assert report["resumed_from"] in {"checkpoint-10", "checkpoint-15"}
+    assert report["global_steps"] == 20
     # train_loss is the whole run's mean, not only the resumed steps'
     straight_report = json.loads((straight / "results" / "adapter" / "train_report.json").read_text())
     assert abs(report["metrics"]["train_loss"] - straight_report["metrics"]["train_loss"]) < 1e-3

@@ -35,7 +35,7 @@ install_packages() {
 
 write_config() {
     local cpus mem
-    cpus=$(nproc)
+    cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it answers OMP_NUM_THREADS (1 under pytest-xdist), and jobs asking for more CPUs than the node has pend forever
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
     mkdir -p "$DIR"/{state,spool,munge,log}
     # A GPU rule needs a gres on the node; a CPU-only test node declares one backed by /dev/null.
