@@ -36,7 +36,7 @@ demo: install
 	$(BIN)/tuneline chat results/merged_model --prompt "$(ASK)"
 
 test: install browser
-	$(BIN)/python -m pytest -q -rs --durations=25 -n 2 --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -rs --durations=25 -n 2 --dist loadscope --no-loadscope-reorder
 
 # the board's browser test drives Debian's chromium through Playwright (never `playwright install`: browser
 # downloads fail here); without root or apt that one test skips, saying so

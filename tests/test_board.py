@@ -183,6 +183,17 @@ def test_plan_start_progress_loss_chart_and_the_plan_after_editing_a_key(project
     adapter = c.post("/chat", data={"run": "r2", "model": "adapter", "text": "Who are you?", "max_new_tokens": "8",
                                     "clear": "1"}).text
     assert adapter == "".join(pieces) and len(runs._WORKERS) == 2
+    # the generation keys reach the worker: sampling at a high temperature leaves the greedy answer; a bad value
+    # is refused by the schema's checks, naming the key, before it reaches the model
+    chat = {"run": "r2", "model": "merged", "text": "Who are you?", "max_new_tokens": "8", "clear": "1"}
+    sampled = c.post("/chat", data={**chat, "do_sample": "true", "temperature": "50", "top_k": "0"}).text
+    assert sampled != adapter
+    assert c.post("/chat", data={**chat, "do_sample": "false", "temperature": "50"}).text == adapter  # greedy again
+    bad = c.post("/chat", data={**chat, "temperature": "hot"})
+    assert bad.status_code == 400 and "temperature" in bad.text
+    page = c.get("/").text
+    chat_form = page[page.index('id="chatform"'):page.index("</form>", page.index('id="chatform"'))]
+    assert re.findall(r'<label title="[^"]*">(\w+) ', chat_form)[:6] == list(forms.CHAT_KEYS)
     runs.close_workers()
     assert worker.proc.poll() is not None
 

@@ -74,3 +74,24 @@ def test_chat_answers_with_the_training_template(tmp_path, tiny_model, tokenized
     out = capsys.readouterr().out
     assert "You: Who are you?" in out and "Assistant:" in out
     assert cli(["chat", str(tmp_path / "missing")]) == 1
+
+
+def test_chat_raises_a_generation_error_instead_of_waiting_for_pieces_forever(tmp_path, tiny_model, tokenized):
+    import time
+
+    from tuneline.chat import Chat
+    from tuneline.generation import generation_kwargs
+
+    # YAML's `temperature: 1` is an int: passed on as a float (transformers refuses an int temperature)
+    assert generation_kwargs({"do_sample": True, "temperature": 1, "top_p": 1, "repetition_penalty": 1}) == {
+        "do_sample": True, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0}
+    assert isinstance(generation_kwargs({"do_sample": True, "temperature": 1})["temperature"], float)
+    shutil.copytree(tiny_model, tmp_path / "m")
+    shutil.copy(tokenized / "template.json", tmp_path / "m" / "template.json")
+    chat = Chat(str(tmp_path / "m"), generation={"max_new_tokens": 4, "do_sample": True, "temperature": 2})
+    assert isinstance(chat.reply("hi"), str)
+    chat.generation["temperature"] = 0.0  # generate raises in its thread: the caller gets the error, at once
+    start = time.time()
+    with pytest.raises(ValueError, match="temperature"):
+        chat.reply("hi")
+    assert time.time() - start < 60

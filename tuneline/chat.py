@@ -69,7 +69,16 @@ class Chat:
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                       eos_token_id=self.template.stop_token_ids(),
                       pad_token_id=pad_id(self.tokenizer), **self.generation)
-        worker = threading.Thread(target=self.model.generate, kwargs=kwargs)
+        failed = []
+
+        def generate():
+            try:
+                self.model.generate(**kwargs)
+            except Exception as err:  # noqa: BLE001 (raised below, in the caller's thread)
+                failed.append(err)
+                streamer.end()  # else the loop below waits for pieces forever
+
+        worker = threading.Thread(target=generate)
         worker.start()
         pieces = []
         for piece in streamer:
@@ -80,6 +89,8 @@ class Chat:
                 stream.write(piece)
                 stream.flush()
         worker.join()
+        if failed:
+            raise failed[0]
         answer = "".join(pieces).strip()
         self.history = messages + [{"role": "assistant", "content": answer}]
         return answer

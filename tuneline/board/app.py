@@ -71,7 +71,7 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
                 problem = str(err)
         return templates.TemplateResponse(request, "index.html", {
             "groups": forms.GROUPS, "fields": forms.fields(loaded), "targets": runs.TARGETS, "problem": problem,
-            "exports": runs.EXPORTS,
+            "exports": runs.EXPORTS, "chat_keys": forms.CHAT_KEYS,
             "runs": runs.list_runs(project), "configs": sorted(p.stem for p in (project / "configs").glob("*.yaml"))})
 
     def problems_page(request: Request, problems: list):
@@ -222,8 +222,11 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
             worker = await run_in_threadpool(runs.chat_worker, project, form.get("run", ""), form.get("model", "merged"))
         except ValueError as err:
             return PlainTextResponse(str(err), 400)
-        request_line = {"text": form.get("text", ""), "system": form.get("system", ""),
-                        "max_new_tokens": int(form.get("max_new_tokens") or 128), "clear": form.get("clear") == "1"}
+        generation, problems = forms.chat_generation(form)
+        if problems:
+            return PlainTextResponse("; ".join(message for _, message in problems), 400)
+        request_line = {"text": form.get("text", ""), "system": form.get("system", ""), "generation": generation,
+                        "clear": form.get("clear") == "1"}
         replies = worker.ask(request_line)
 
         async def pieces():

@@ -4,7 +4,7 @@
 
 MODEL is a merged model folder, an export folder, a .gguf file or a LoRA adapter folder on BASE (as for
 `tuneline chat`). Reads one JSON
-request per line on stdin ({"text", "system", "max_new_tokens", "clear"}) and answers with JSON lines on
+request per line on stdin ({"text", "system", "generation": {key: value}, "clear"}) and answers with JSON lines on
 stdout: {"piece": "..."} as tokens are generated, then {"done": true, "answer": "..."} (or {"error": ...}).
 """
 
@@ -26,6 +26,8 @@ class Pieces:
 
 def main(argv=None) -> int:
     from ..chat import Chat
+    from ..config import defaults
+    from ..generation import generation_kwargs
 
     args = argv or sys.argv[1:]
     model, base = args[0], (args[1] if len(args) > 1 else None)
@@ -40,8 +42,7 @@ def main(argv=None) -> int:
         if request.get("clear"):
             chat.history = []
         chat.system = request.get("system", "") or ""
-        if request.get("max_new_tokens"):
-            chat.generation["max_new_tokens"] = int(request["max_new_tokens"])
+        chat.generation = generation_kwargs({**defaults(), **request.get("generation", {})})  # checked by the board
         try:
             answer = chat.reply(request["text"], stream=Pieces())
             print(json.dumps({"done": True, "answer": answer}), flush=True)

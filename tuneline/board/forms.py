@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from .. import config as cfg
+from ..generation import GENERATION_KEYS
 
 # LLaMA Board's groups; the schema's own sections (its `# ---- name` comments) map onto them
 SECTION_GROUP = {"model": "model", "data": "data", "tokenize": "data", "method": "method", "training": "training",
@@ -18,6 +19,10 @@ SECTION_GROUP = {"model": "model", "data": "data", "tokenize": "data", "method":
 GROUPS = ("model", "method", "data", "training", "LoRA", "RLHF", "evaluation", "export")
 LORA = re.compile(r"^(lora_|loraplus_|use_dora|use_rslora|additional_target)")
 RLHF = re.compile(r"^(pref_|kto_|simpo_|reward_|num_generations|max_completion_length)")
+
+
+# the Chat tab's generation keys: predict's, less num_beams (beam search cannot stream its reply)
+CHAT_KEYS = tuple(key for key in GENERATION_KEYS if key != "num_beams")
 
 
 @dataclass
@@ -109,3 +114,10 @@ def from_form(form: dict[str, str], base: dict | None = None) -> tuple[dict, lis
 
 def to_yaml(changed: dict) -> str:
     return yaml.safe_dump(changed, sort_keys=True, allow_unicode=True) if changed else "{}\n"
+
+
+def chat_generation(form: dict[str, str]) -> tuple[dict, list[tuple[str | None, str]]]:
+    """The Chat tab's generation keys: the workflow's values with the submitted ones, typed and checked."""
+    base = workflow_config()
+    changed, problems = from_form({k: v for k, v in form.items() if k in CHAT_KEYS}, base)
+    return {**{k: base[k] for k in CHAT_KEYS}, **changed}, problems

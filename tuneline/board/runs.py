@@ -143,15 +143,12 @@ def status(project: Path, name: str) -> dict:
     info = json.loads((folder / "run.json").read_text())
     log = folder / "board.log"
     info["log_tail"] = log.read_text(errors="replace")[-6000:] if log.is_file() else ""
-    code = None
+    info["rules"], info["progress"] = events(folder / EVENTS)
     if _alive(info["pid"]):
         info["state"] = "running"
     else:
         proc = _CHILDREN.get(info["pid"])
         code = info["returncode"] = proc.returncode if proc is not None else None  # None: an earlier board's run
-        info["state"] = "ended"
-    info["rules"], info["progress"] = events(folder / EVENTS)
-    if info["state"] != "running":
         progress = info["progress"]
         complete = code == 0 or (code is None and progress is not None and progress["done"] == progress["total"])
         info["state"] = "stopped" if info.get("stopped") else ("finished" if complete else "failed")
