@@ -140,6 +140,12 @@ def test_plan_start_progress_loss_chart_and_the_plan_after_editing_a_key(project
             lines.append(line)
     assert lines[0] == "event: runs" and all(line.startswith("data: ") for line in lines[1:])
     assert any('id="run-r1"' in line for line in lines) and any("4/4 jobs" in line for line in lines)
+    # a new log line alone changes what the list pushes, and the list shows the log's last lines
+    before = runs.signature(runs.list_runs(project))
+    with open(project / "runs" / "r1" / "board.log", "a") as log:
+        log.write("a new log line\n")
+    assert runs.signature(runs.list_runs(project)) != before
+    assert "a new log line" in c.get("/runs").text.split('id="run-r1"')[1]
     svg = c.get("/runs/r1/loss.svg")
     assert svg.headers["content-type"].startswith("image/svg+xml") and "<polyline" in svg.text
     again = c.post("/plan", data={**form, "name": "r1", "target": "results/adapter"}).text

@@ -60,6 +60,7 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
     project = Path(project).resolve()
     token = token or secrets.token_urlsafe(24)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.globals["log_lines"] = runs.LOG_LINES
 
     async def index(request: Request):
         loaded, problem = {}, None
@@ -124,7 +125,7 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
         return templates.TemplateResponse(request, "runs.html", {"runs": runs.list_runs(project)})
 
     async def event_stream(request: Request):
-        """Server-sent events: the run list (rendered) whenever a run's events, loss or state change; the
+        """Server-sent events: the run list (rendered) whenever a run's events, loss, log or state change; the
         page swaps it in (htmx's SSE extension). Checked every second, sent only on change."""
         import asyncio
 
@@ -132,9 +133,7 @@ def create_app(project: Path, token: str | None = None, hosts: set[str] | None =
             last = None
             while not await request.is_disconnected():
                 listed = await run_in_threadpool(runs.list_runs, project)
-                signature = [(r["name"], r["state"], r.get("progress"), len(r.get("rules", [])),
-                              sum(j["state"] == "done" for j in r.get("rules", [])), len(r["loss"]), len(r["eval_loss"]))
-                             for r in listed]
+                signature = runs.signature(listed)
                 if signature != last:
                     last = signature
                     html = templates.get_template("runs.html").render(runs=listed)

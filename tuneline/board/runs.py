@@ -36,6 +36,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 STOP_GRACE_S = 30
 PLUGINS = Path(__file__).parent / "plugins"  # the snakemake_logger_plugin_tuneline package
 EVENTS = "events.jsonl"
+LOG_LINES = 12  # the log lines the run list shows (and pushes as they change)
 
 
 def checked_name(name: str) -> str:
@@ -252,6 +253,13 @@ def details(project: Path, name: str, samples: int = 5) -> dict:
 def list_runs(project: Path) -> list[dict]:
     root = project / "runs"
     return [status(project, p.parent.name) for p in sorted(root.glob("*/run.json"))] if root.is_dir() else []
+
+
+def signature(listed: list[dict]) -> list[tuple]:
+    """What the run list shows that can change: the SSE stream sends the list again when this does."""
+    return [(r["name"], r["state"], r.get("progress"), [(j["rule"], j["state"]) for j in r.get("rules", [])],
+             len(r.get("loss", [])), len(r.get("eval_loss", [])), r.get("log_tail", "")[-LOG_LINES * 200:])
+            for r in listed]
 
 
 CHAT_MODELS = {"merged": "results/merged_model", "adapter": "results/adapter", "gguf": "results/export/gguf",
