@@ -323,7 +323,8 @@ class PlanWorker(Worker):
         return True
 
     def dry_run(self, argv: list[str], cwd: Path) -> dict:
-        return next(self.ask({"argv": argv, "cwd": str(cwd)}))
+        [reply] = list(self.ask({"argv": argv, "cwd": str(cwd)}))  # to the end: the lock is released there
+        return reply
 
 
 _WORKERS: dict[tuple[str, str], ChatWorker] = {}
